@@ -1,0 +1,90 @@
+"""Attention backends: a registry of functions and what each supports.
+
+>>> import qkv
+>>> sorted(qkv.backends.available())
+['chunked', 'eager', 'flex', 'sdpa']
+
+- ``eager``: the reference; materialises the scores; any dtype, float64 included.
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
+- ``chunked``: tiles of query rows visiting only the keys the mask leaves
+  visible; memory O(Tq * tile); forward, backward, weights, top-k weights.
+- ``flex``: compiled FlexAttention where the torch build and device support it.
+
+``backend="auto"`` picks the fastest backend that supports the call (see
+:func:`choose`). ``register(name, fn, **capabilities)`` adds one.
+"""
+
+from __future__ import annotations
+
+from ..masks._base import TensorMask
+from ..masks._library import Causal
+from . import _flex
+from ._chunked import call_plan, chunked
+from ._registry import ALL_DTYPES, Backend, Call, Capabilities, available, get, names, register
+from ._simple import eager, sdpa
+
+__all__ = ["Capabilities", "Call", "Backend", "register", "get", "available", "names", "choose", "select"]
+
+_EVERYTHING = dict(masks=True, score_mod=True, bias=True, dropout=True, weights=True, lse=True, backward=True)
+register("eager", eager, **_EVERYTHING, notes="reference; O(Tq*Tk) memory")
+register("chunked", chunked, **_EVERYTHING, notes="skips empty tiles; O(Tq*tile) memory; weights by a second pass")
+register("sdpa", sdpa, bias=True, dropout=True, backward=True, notes="torch SDPA; structured masks are materialised")
+register(
+    "flex", _flex.flex, check=_flex.check, score_mod=True, bias=True, lse=True, backward=True,
+    dtypes=(ALL_DTYPES[0], ALL_DTYPES[1], ALL_DTYPES[2]),
+    available=not _flex.UNAVAILABLE, reason=_flex.UNAVAILABLE,
+    notes="compiled FlexAttention; CPU: inference only, no lse; first call per shape compiles",
+)
+
+_TINY = 1 << 14  # below this many scores per call, one eager pass beats any tiling
+_DENSE_MASK_LIMIT = 1 << 27  # largest dense bool mask auto hands to SDPA
+_SKIP_WORTHWHILE = 0.85  # auto tiles when the plan visits at most this share of the scores
+
+
+def choose(call: Call) -> tuple[str, Call]:
+    """The backend ``auto`` uses for `call`, and the call as that backend should see it.
+
+    SDPA serves dense and aligned-causal calls (its fused kernels are the
+    fastest there); `chunked` serves masks that leave tiles empty (work is
+    skipped), long rows whose dense mask would not fit, weights, log-sum-exp
+    and score mods; `eager` serves tiny calls with extras. A mask whose plan
+    shows every key visible is dropped.
+    """
+    B, Hq, Hkv, Tq, Tk, D, Dv = call.shape
+    if Tq == 0 or Tk == 0:
+        return "eager", call
+    extras = call.return_weights or call.return_lse or call.score_mod is not None
+    if extras:
+        return ("eager" if B * Hq * Tq * Tk <= _TINY else "chunked"), call
+    mask = call.mask
+    if mask is None or isinstance(mask, TensorMask):
+        return "sdpa", call
+    if isinstance(mask, Causal) and call.q_offset == 0:
+        return "sdpa", call
+    plan = call_plan(mask, call.q_offset, Tq, Tk, B, Hq, call.q.device)
+    if plan.unmasked_dense:
+        return "sdpa", call.replace(mask=None)
+    if plan.density <= _SKIP_WORTHWHILE or B * Hq * Tq * Tk > _DENSE_MASK_LIMIT:
+        return "chunked", call
+    return "sdpa", call
+
+
+def select(call: Call, backend: str) -> tuple[Backend, Call]:
+    """Resolve ``backend`` (a name or "auto") for `call`, raising a clear error if it cannot serve it."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto' or 'sdpa', got {type(backend).__name__}")
+    if backend == "auto":
+        name, call = choose(call)
+        b = get(name)
+        if b.missing(call):  # e.g. a dtype the fast path lacks: fall back to the reference tiles
+            b = get("chunked")
+        return b, call
+    b = get(backend)
+    lacks = b.missing(call)
+    if lacks:
+        able = [n for n in names() if not get(n).missing(call)]
+        raise ValueError(
+            f"backend={backend!r} cannot serve this call: it lacks {', '.join(lacks)}. "
+            f"Backends that can: {able or 'none'}; or use backend='auto'"
+        )
+    return b, call

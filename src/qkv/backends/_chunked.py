@@ -1,0 +1,266 @@
+"""The `chunked` backend: tiles of query rows, each visiting only the keys its mask leaves visible.
+
+Forward runs one kernel call per tile over that tile's visible keys, so memory
+is O(Tq * tile) and work is proportional to the visible area. Backward is a
+custom autograd function that recomputes per tile from the saved output and
+log-sum-exp (as FlashAttention does, arXiv:2205.14135) and adds key/value
+gradients in place, so nothing the size of the score matrix is ever held.
+
+The fused CPU flash kernel serves tiles when it can (float mask, no
+score_mod, no dropout, no bias gradient, D == Dv); otherwise `math_attention`
+runs per tile, recomputed under autograd in the backward pass.
+Probabilities (`return_weights`, `attention_weights`) come from a second pass
+per tile, exact because each tile sees all visible keys of its rows at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks._base import Mask, evaluate4d
+from ._kernels import NEG_INF, accumulation_dtype, flash_available, flash_backward, flash_forward, index_grids, math_attention
+from ._plan import Plan, Tile, plan_for
+
+_SCRATCH_BYTES = 32 << 20  # per math-kernel chunk of scores; bounds memory for long rows
+
+
+def call_plan(mask: Mask | None, q_offset: int, tq: int, tk: int, batch: int, heads: int, device) -> Plan:
+    """Plan for a call with contiguous query rows at q_offset..q_offset+tq-1 (cached on the mask)."""
+    q_pos = torch.arange(tq, device=device) + q_offset
+    return plan_for(mask, q_pos, tk, batch, heads, cache_key=("rows", q_offset, tq))
+
+
+class _Run:
+    """Everything a chunked call needs besides q, k, v, bias; shared by forward, backward and the weights pass."""
+
+    def __init__(self, plan: Plan, mask, score_mod, scale, q_pos, batch, heads, dropout_p=0.0):
+        self.plan = plan
+        self.mask = mask
+        self.score_mod = score_mod
+        self.scale = scale
+        self.q_pos = q_pos
+        self.batch = batch
+        self.heads = heads
+        self.dropout_p = dropout_p
+        self.seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+
+    # -- per-tile pieces ------------------------------------------------------
+
+    @staticmethod
+    def keys(x: torch.Tensor, t: Tile) -> torch.Tensor:
+        return x[:, :, t.keys] if isinstance(t.keys, slice) else x.index_select(2, t.keys)
+
+    def tile_mask(self, t: Tile, r0: int, r1: int) -> torch.Tensor | None:
+        if not t.masked:
+            return None
+        qp = self.q_pos[r0:r1]
+        return evaluate4d(self.mask, *index_grids(self.batch, self.heads, qp, t.key_positions(qp.device)))
+
+    @staticmethod
+    def tile_bias(bias: torch.Tensor | None, t: Tile, r0: int, r1: int) -> torch.Tensor | None:
+        if bias is None:
+            return None
+        if bias.shape[-2] > 1:
+            bias = bias[:, :, r0:r1]
+        if bias.shape[-1] > 1:
+            bias = bias[..., t.keys] if isinstance(t.keys, slice) else bias.index_select(-1, t.keys)
+        return bias
+
+    def additive(self, t: Tile, bias, dtype) -> torch.Tensor | None:
+        """Mask and bias of a tile as one additive float tensor for the fused kernel."""
+        m = self.tile_mask(t, t.r0, t.r1)
+        b = self.tile_bias(bias, t, t.r0, t.r1)
+        if m is None:
+            return None if b is None else b.to(dtype)
+        add = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, NEG_INF)
+        return add if b is None else add + b.to(dtype)
+
+    def chunks(self, t: Tile):
+        """Row sub-ranges of a tile for the math kernel, sized so scores fit the scratch budget."""
+        per_row = max(1, self.batch * self.heads * t.width * 4 * 3)
+        step = max(1, min(t.r1 - t.r0, _SCRATCH_BYTES // per_row))
+        for r0 in range(t.r0, t.r1, step):
+            yield r0, min(r0 + step, t.r1)
+
+    def generator(self, tile_index: int, r0: int, device) -> torch.Generator | None:
+        if self.dropout_p == 0:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed((self.seed + 1_000_003 * tile_index + r0) % (2**63))
+        return g
+
+    def math(self, q, k, v, bias, t: Tile, i: int, r0: int, r1: int, need_weights=False):
+        return math_attention(
+            q[:, :, r0:r1], self.keys(k, t), None if v is None else self.keys(v, t),
+            scale=self.scale, q_pos=self.q_pos[r0:r1], k_pos=t.key_positions(q.device),
+            mask=self.tile_mask(t, r0, r1), bias=self.tile_bias(bias, t, r0, r1), score_mod=self.score_mod,
+            dropout_p=self.dropout_p, generator=self.generator(i, r0, q.device), need_weights=need_weights,
+        )
+
+    def use_flash(self, q, v, bias) -> bool:
+        return (
+            self.score_mod is None
+            and self.dropout_p == 0
+            and not (bias is not None and bias.requires_grad)
+            and flash_available(q, v)
+        )
+
+    # -- passes ------------------------------------------------------------------
+
+    def forward(self, q, k, v, bias):
+        """Returns out (B, Hq, Tq, Dv), the kernels' raw lse (for backward) and the public lse (-inf on empty rows)."""
+        B, Hq, Tq = q.shape[:3]
+        out = q.new_zeros(B, Hq, Tq, v.shape[-1])
+        lse_dtype = accumulation_dtype(q.dtype)
+        lse = torch.full((B, Hq, Tq), NEG_INF, dtype=lse_dtype, device=q.device)
+        raw = lse.clone()
+        flash = self.use_flash(q, v, bias)
+        for i, t in enumerate(self.plan.tiles):
+            if flash:
+                add = self.additive(t, bias, q.dtype)
+                o, l = flash_forward(q[:, :, t.r0 : t.r1], self.keys(k, t), self.keys(v, t), add, self.scale)
+                out[:, :, t.r0 : t.r1] = o
+                raw[:, :, t.r0 : t.r1] = l
+                if add is not None:
+                    l = l.masked_fill(torch.isneginf(add).all(-1), NEG_INF)  # kernel reports 0 on empty rows
+                lse[:, :, t.r0 : t.r1] = l
+            else:
+                for r0, r1 in self.chunks(t):
+                    o, l, _ = self.math(q, k, v, bias, t, i, r0, r1)
+                    out[:, :, r0:r1] = o
+                    lse[:, :, r0:r1] = l
+        if not flash:
+            raw = lse
+        return out, raw, lse
+
+    def backward(self, dout, dlse, q, k, v, bias, out, raw, needs):
+        dq = torch.zeros_like(q) if needs[0] else None
+        dk = torch.zeros(k.shape, dtype=accumulation_dtype(k.dtype), device=k.device) if needs[1] else None
+        dv = torch.zeros(v.shape, dtype=accumulation_dtype(v.dtype), device=v.device) if needs[2] else None
+        dbias = torch.zeros_like(bias) if needs[3] else None
+        if dout is None:
+            dout = torch.zeros_like(out)
+        flash = self.use_flash(q, v, bias) and dlse is None
+        for i, t in enumerate(self.plan.tiles):
+            if flash:
+                g = flash_backward(
+                    dout[:, :, t.r0 : t.r1], q[:, :, t.r0 : t.r1], self.keys(k, t), self.keys(v, t),
+                    out[:, :, t.r0 : t.r1], raw[:, :, t.r0 : t.r1], self.additive(t, bias, q.dtype), self.scale,
+                )
+                self._accumulate(t, t.r0, t.r1, (dq, dk, dv, None), g)
+                continue
+            for r0, r1 in self.chunks(t):
+                self._math_backward(dout, dlse, q, k, v, bias, t, i, r0, r1, (dq, dk, dv, dbias))
+        cast = lambda g, x: None if g is None else g.to(x.dtype)  # noqa: E731
+        return dq, cast(dk, k), cast(dv, v), dbias
+
+    def _math_backward(self, dout, dlse, q, k, v, bias, t, i, r0, r1, grads):
+        leaves = [
+            q[:, :, r0:r1].detach().requires_grad_(grads[0] is not None),
+            self.keys(k, t).detach().requires_grad_(grads[1] is not None),
+            self.keys(v, t).detach().requires_grad_(grads[2] is not None),
+        ]
+        b = self.tile_bias(bias, t, r0, r1)
+        leaves.append(None if b is None else b.detach().requires_grad_(grads[3] is not None))
+        with torch.enable_grad():
+            o, l, _ = math_attention(
+                leaves[0], leaves[1], leaves[2], scale=self.scale, q_pos=self.q_pos[r0:r1],
+                k_pos=t.key_positions(q.device), mask=self.tile_mask(t, r0, r1), bias=leaves[3],
+                score_mod=self.score_mod, dropout_p=self.dropout_p, generator=self.generator(i, r0, q.device),
+            )
+            outs, gouts = [o], [dout[:, :, r0:r1]]
+            if dlse is not None:
+                outs.append(l)
+                gouts.append(dlse[:, :, r0:r1].to(l.dtype))
+            wanted = [x for x in leaves if x is not None and x.requires_grad]
+            got = iter(torch.autograd.grad(outs, wanted, gouts, allow_unused=True))
+        g = [next(got) if x is not None and x.requires_grad else None for x in leaves]
+        self._accumulate(t, r0, r1, grads, g)
+
+    def _accumulate(self, t: Tile, r0, r1, grads, g):
+        dq, dk, dv, dbias = grads
+        if dq is not None and g[0] is not None:
+            dq[:, :, r0:r1] += g[0]
+        for full, part in ((dk, g[1]), (dv, g[2])):
+            if full is None or part is None:
+                continue
+            if isinstance(t.keys, slice):
+                full[:, :, t.keys] += part
+            else:
+                full.index_add_(2, t.keys, part.to(full.dtype))
+        if dbias is not None and g[3] is not None:
+            target = dbias[:, :, r0:r1] if dbias.shape[-2] > 1 else dbias
+            if dbias.shape[-1] == 1:
+                target += g[3]
+            elif isinstance(t.keys, slice):
+                target[..., t.keys] += g[3]
+            else:
+                target.index_add_(-1, t.keys, g[3])
+
+    def weights(self, q, k, bias, *, rows_out: torch.Tensor | None = None, topk: int | None = None):
+        """Exact probabilities per tile: dense (B, Hq, Tq, Tk), or top-k (values, key indices)."""
+        B, Hq, Tq = q.shape[:3]
+        Tk = self.plan.tk
+        if topk is not None:
+            values = q.new_zeros(B, Hq, Tq, topk)
+            index = torch.full((B, Hq, Tq, topk), -1, dtype=torch.long, device=q.device)
+        else:
+            dense = q.new_zeros(B, Hq, Tq, Tk)
+        for i, t in enumerate(self.plan.tiles):
+            kpos = t.key_positions(q.device)
+            for r0, r1 in self.chunks(t):
+                _, _, p = self.math(q, k, None, bias, t, i, r0, r1, need_weights=True)
+                if topk is not None:
+                    n = min(topk, t.width)
+                    val, idx = p.topk(n, dim=-1)
+                    values[:, :, r0:r1, :n] = val
+                    index[:, :, r0:r1, :n] = kpos[idx]
+                elif isinstance(t.keys, slice):
+                    dense[:, :, r0:r1, t.keys] = p
+                else:
+                    dense[:, :, r0:r1].index_copy_(3, t.keys, p)
+        return (values, index) if topk is not None else dense
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, run: _Run):
+        ctx.set_materialize_grads(False)
+        out, raw, lse = run.forward(q, k, v, bias)
+        ctx.save_for_backward(q, k, v, bias, out, raw)
+        ctx.run = run
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, bias, out, raw = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        dq, dk, dv, dbias = ctx.run.backward(dout, dlse, q, k, v, bias, out, raw, needs)
+        return dq, dk, dv, dbias, None
+
+
+def chunked(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_weights, return_lse):
+    """The `chunked` backend: see the module docstring."""
+    B, Hq, Tq = q.shape[:3]
+    Tk = k.shape[2]
+    plan = call_plan(mask, q_offset, Tq, Tk, B, Hq, q.device)
+    q_pos = torch.arange(Tq, device=q.device) + q_offset
+    run = _Run(plan, mask, score_mod, scale, q_pos, B, Hq, dropout_p)
+    out, lse = _ChunkedAttention.apply(q, k, v, bias, run)
+    weights = None
+    if return_weights:
+        with torch.no_grad():
+            weights = run.weights(q, k, bias)
+    return out, weights, lse if return_lse else None
+
+
+def chunked_weights(q, k, *, mask, score_mod, bias, scale, q_pos, topk):
+    """Probabilities for query rows at absolute positions `q_pos` (any order), without the full matrix in memory."""
+    B, Hq = q.shape[:2]
+    Tk = k.shape[2]
+    contiguous = q_pos.numel() == 0 or torch.equal(q_pos, torch.arange(q_pos.numel(), device=q_pos.device) + int(q_pos[0]))
+    key = ("rows", int(q_pos[0]), q_pos.numel()) if contiguous and q_pos.numel() else None
+    plan = plan_for(mask, q_pos, Tk, B, Hq, cache_key=key)
+    run = _Run(plan, mask, score_mod, scale, q_pos, B, Hq)
+    with torch.no_grad():
+        return run.weights(q, k, bias, topk=topk)

@@ -1,0 +1,82 @@
+"""The `flex` backend: `torch.nn.attention.flex_attention`, compiled.
+
+Masks and score mods are handed over as FlexAttention's ``mask_mod`` and
+``score_mod`` (shifted to absolute query positions); the block mask is built
+once per mask, shape and device and cached on the mask. On CPU, compiled
+FlexAttention is inference-only and cannot return the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError as e:  # torch < 2.5
+    create_block_mask = flex_attention = None
+    UNAVAILABLE = f"torch {torch.__version__} has no FlexAttention ({e})"
+else:
+    UNAVAILABLE = ""
+
+_compiled = None
+
+
+def _kernel():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def check(call) -> str | None:
+    """Refuse what FlexAttention cannot do on this device."""
+    if call.q.device.type == "cpu":
+        if call.needs_grad:
+            return "backward on CPU (FlexAttention has no CPU backward)"
+        if call.return_lse:
+            return "return_lse=True on CPU (compiled FlexAttention on CPU does not return it)"
+    if call.bias is not None and call.bias.requires_grad:
+        return "bias that requires grad"
+    return None
+
+
+def _mask_mod(mask, q_offset):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask(b, h, q_idx + q_offset, kv_idx)
+
+    return mask_mod
+
+
+def _block_mask(mask, q_offset, B, H, Tq, Tk, device):
+    if mask is None:
+        return None
+    cache = mask.__dict__.setdefault("_qkv_flex_blocks", {})
+    key = (q_offset, B, H, Tq, Tk, str(device))
+    if key not in cache:
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = create_block_mask(_mask_mod(mask, q_offset), B, H, Tq, Tk, device=device)
+    return cache[key]
+
+
+def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_weights, return_lse):
+    B, Hq, Tq = q.shape[:3]
+    Tk = k.shape[2]
+    block_mask = _block_mask(mask, q_offset, B, Hq, Tq, Tk, q.device)
+    mod = None
+    if score_mod is not None or bias is not None:
+        bias4 = None if bias is None else bias.expand(B, Hq, Tq, Tk)
+
+        def mod(score, b, h, q_idx, kv_idx):
+            if score_mod is not None:
+                score = score_mod(score, b, h, q_idx + q_offset, kv_idx)
+            if bias4 is not None:
+                score = score + bias4[b, h, q_idx, kv_idx].to(score.dtype)
+            return score
+
+    result = _kernel()(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale,
+                       enable_gqa=Hq != k.shape[1], return_lse=return_lse)
+    if return_lse:
+        out, lse = result
+        return out, None, lse
+    return result, None, None
