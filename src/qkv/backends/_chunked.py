@@ -19,7 +19,7 @@ import torch
 
 from ..masks._base import Mask, evaluate4d
 from ._kernels import NEG_INF, accumulation_dtype, flash_available, flash_backward, flash_forward, index_grids, math_attention
-from ._plan import Plan, Tile, plan_for
+from ._plan import Band, Plan, Tile, plan_for
 
 _SCRATCH_BYTES = 32 << 20  # per math-kernel chunk of scores; bounds memory for long rows
 
@@ -28,6 +28,14 @@ def call_plan(mask: Mask | None, q_offset: int, tq: int, tk: int, batch: int, he
     """Plan for a call with contiguous query rows at q_offset..q_offset+tq-1 (cached on the mask)."""
     q_pos = torch.arange(tq, device=device) + q_offset
     return plan_for(mask, q_pos, tk, batch, heads, cache_key=("rows", q_offset, tq))
+
+
+def _tiles(x: torch.Tensor, b: int, row: int, count: int, step: int, rows: int) -> torch.Tensor:
+    """Strided view (count, H, rows, ...) of batch entry b: tile t starts at row + t * step. Views may overlap."""
+    st = x.stride()
+    size = (count, x.shape[1], rows, *x.shape[3:])
+    stride = (step * st[2], st[1], st[2], *st[3:])
+    return x.as_strided(size, stride, x.storage_offset() + b * st[0] + row * st[2])
 
 
 class _Run:
@@ -43,6 +51,7 @@ class _Run:
         self.heads = heads
         self.dropout_p = dropout_p
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
+        self.need_lse = True
 
     # -- per-tile pieces ------------------------------------------------------
 
@@ -107,31 +116,87 @@ class _Run:
 
     # -- passes ------------------------------------------------------------------
 
-    def forward(self, q, k, v, bias):
+    def forward(self, q, k, v, bias, need_lse=True):
         """Returns out (B, Hq, Tq, Dv), the kernels' raw lse (for backward) and the public lse (-inf on empty rows)."""
         B, Hq, Tq = q.shape[:3]
-        out = q.new_zeros(B, Hq, Tq, v.shape[-1])
-        lse_dtype = accumulation_dtype(q.dtype)
-        lse = torch.full((B, Hq, Tq), NEG_INF, dtype=lse_dtype, device=q.device)
-        raw = lse.clone()
+        out = q.new_empty(B, Hq, Tq, v.shape[-1])
+        lse = torch.full((B, Hq, Tq), NEG_INF, dtype=accumulation_dtype(q.dtype), device=q.device)
         flash = self.use_flash(q, v, bias)
+        raw = torch.zeros_like(lse) if flash else lse
+        bands = self._bands(bias) if flash else ()
+        banded = {r for b in bands for r in b.rows}
+        for band in bands:
+            self._band_forward(band, q, k, v, out, raw, lse if need_lse else None)
+        covered = 0
         for i, t in enumerate(self.plan.tiles):
-            if flash:
-                add = self.additive(t, bias, q.dtype)
-                o, l = flash_forward(q[:, :, t.r0 : t.r1], self.keys(k, t), self.keys(v, t), add, self.scale)
-                out[:, :, t.r0 : t.r1] = o
-                raw[:, :, t.r0 : t.r1] = l
-                if add is not None:
-                    l = l.masked_fill(torch.isneginf(add).all(-1), NEG_INF)  # kernel reports 0 on empty rows
-                lse[:, :, t.r0 : t.r1] = l
-            else:
+            out[:, :, covered : t.r0] = 0  # rows that see no key
+            covered = t.r1
+            if t.r0 in banded:
+                continue
+            if not flash:
                 for r0, r1 in self.chunks(t):
                     o, l, _ = self.math(q, k, v, bias, t, i, r0, r1)
                     out[:, :, r0:r1] = o
                     lse[:, :, r0:r1] = l
-        if not flash:
-            raw = lse
+                continue
+            add = self.additive(t, bias, q.dtype)
+            o, l = flash_forward(q[:, :, t.r0 : t.r1], self.keys(k, t), self.keys(v, t), add, self.scale)
+            out[:, :, t.r0 : t.r1] = o
+            raw[:, :, t.r0 : t.r1] = l
+            if need_lse:
+                if add is not None:  # the kernel reports 0, not -inf, on rows that see no key
+                    l = l.masked_fill(torch.isneginf(add).all(-1), NEG_INF)
+                lse[:, :, t.r0 : t.r1] = l
+        out[:, :, covered:] = 0
         return out, raw, lse
+
+    def _bands(self, bias) -> tuple[Band, ...]:
+        """Bands served by batched kernel calls (a bias differs per tile, so it rules them out)."""
+        return () if bias is not None else self.plan.bands
+
+    def _band_add(self, band: Band, dtype, device) -> torch.Tensor:
+        add = torch.zeros(band.q_tile, band.width, dtype=dtype, device=device)
+        return add.masked_fill_(~band.pattern(device), NEG_INF)[None, None]  # (1, 1, q_tile, width)
+
+    def _band_forward(self, band: Band, q, k, v, out, raw, lse):
+        add = self._band_add(band, q.dtype, q.device)
+        r, n, qt = band.row, band.count, band.q_tile
+        for b in range(q.shape[0]):
+            o, l = flash_forward(
+                _tiles(q, b, r, n, qt, qt), _tiles(k, b, r + band.shift, n, qt, band.width),
+                _tiles(v, b, r + band.shift, n, qt, band.width), add, self.scale,
+            )
+            _tiles(out, b, r, n, qt, qt).copy_(o)
+            _tiles(raw, b, r, n, qt, qt).copy_(l)
+            if lse is not None:
+                _tiles(lse, b, r, n, qt, qt).copy_(l)  # band rows always see keys
+
+    def _band_backward(self, band: Band, dout, q, k, v, out, raw, dq, dk, dv):
+        add = self._band_add(band, q.dtype, q.device)
+        qt, w = band.q_tile, band.width
+        # The kernel returns key/value gradients per tile window (width/q_tile times the keys they
+        # cover), so take the band in slices of tiles that keep those buffers within the scratch budget.
+        per_tile = 4 * w * k.shape[1] * (k.shape[-1] + v.shape[-1]) * k.element_size()
+        step = max(1, min(band.count, _SCRATCH_BYTES // max(1, per_tile)))
+        for b in range(q.shape[0]):
+            for c0 in range(0, band.count, step):
+                n = min(step, band.count - c0)
+                r = band.row + c0 * qt
+                gq, gk, gv = flash_backward(
+                    _tiles(dout, b, r, n, qt, qt), _tiles(q, b, r, n, qt, qt), _tiles(k, b, r + band.shift, n, qt, w),
+                    _tiles(v, b, r + band.shift, n, qt, w), _tiles(out, b, r, n, qt, qt), _tiles(raw, b, r, n, qt, qt),
+                    add, self.scale,
+                )
+                if dq is not None:
+                    _tiles(dq, b, r, n, qt, qt).copy_(gq)
+                # Windows of neighbouring tiles overlap; add them back one tile-width slice at a time,
+                # within which the tiles' key ranges are disjoint.
+                for full, part in ((dk, gk), (dv, gv)):
+                    if full is None:
+                        continue
+                    for w0 in range(0, w, qt):
+                        w1 = min(w, w0 + qt)
+                        _tiles(full, b, r + band.shift + w0, n, qt, w1 - w0).add_(part[:, :, w0:w1])
 
     def backward(self, dout, dlse, q, k, v, bias, out, raw, needs):
         dq = torch.zeros_like(q) if needs[0] else None
@@ -141,7 +206,13 @@ class _Run:
         if dout is None:
             dout = torch.zeros_like(out)
         flash = self.use_flash(q, v, bias) and dlse is None
+        bands = self._bands(bias) if flash else ()
+        banded = {r for b in bands for r in b.rows}
+        for band in bands:
+            self._band_backward(band, dout, q, k, v, out, raw, dq, dk, dv)
         for i, t in enumerate(self.plan.tiles):
+            if t.r0 in banded:
+                continue
             if flash:
                 g = flash_backward(
                     dout[:, :, t.r0 : t.r1], q[:, :, t.r0 : t.r1], self.keys(k, t), self.keys(v, t),
@@ -226,7 +297,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, run: _Run):
         ctx.set_materialize_grads(False)
-        out, raw, lse = run.forward(q, k, v, bias)
+        out, raw, lse = run.forward(q, k, v, bias, need_lse=run.need_lse)
         ctx.save_for_backward(q, k, v, bias, out, raw)
         ctx.run = run
         return out, lse
@@ -246,6 +317,7 @@ def chunked(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, retur
     plan = call_plan(mask, q_offset, Tq, Tk, B, Hq, q.device)
     q_pos = torch.arange(Tq, device=q.device) + q_offset
     run = _Run(plan, mask, score_mod, scale, q_pos, B, Hq, dropout_p)
+    run.need_lse = return_lse
     out, lse = _ChunkedAttention.apply(q, k, v, bias, run)
     weights = None
     if return_weights:

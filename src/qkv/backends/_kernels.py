@@ -105,6 +105,30 @@ def flash_available(q: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
+_GQA_NATIVE: bool | None = None
+
+
+def _native_gqa() -> bool:
+    """Whether this torch's fused CPU kernel handles Hq != Hkv itself (probed once on a tiny input)."""
+    global _GQA_NATIVE
+    if _GQA_NATIVE is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, h, 3, 4, generator=g, dtype=torch.float64) for h in (2, 1, 1))
+            out, _ = _FLASH_FWD(q, k, v, 0.0, False)
+            ref = torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v
+            _GQA_NATIVE = bool(torch.allclose(out, ref))
+        except RuntimeError:
+            _GQA_NATIVE = False
+    return _GQA_NATIVE
+
+
+def groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per kv head that must be folded into rows before the fused kernel (1 if it does GQA itself)."""
+    g = q.shape[1] // k.shape[1]
+    return 1 if g == 1 or _native_gqa() else g
+
+
 def _fold(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, Hkv*G, r, ...) -> (B, Hkv, G*r, ...): query heads sharing a kv head become extra rows."""
     if groups == 1:
@@ -136,14 +160,14 @@ def flash_forward(q, k, v, add: torch.Tensor | None, scale: float):
     Returns out (B, Hq, r, D) and the kernel's log-sum-exp (B, Hq, r), which is 0
     (not -inf) on fully masked rows; keep it as is for `flash_backward`.
     """
-    G = q.shape[1] // k.shape[1]
+    G = groups(q, k)
     out, lse = _FLASH_FWD(_fold(q, G), k, v, 0.0, False, attn_mask=_fold_mask(add, G, q), scale=scale)
     return _unfold(out, G), _unfold(lse, G)
 
 
 def flash_backward(dout, q, k, v, out, lse, add: torch.Tensor | None, scale: float):
     """Fused backward on one tile; returns (dq, dk, dv) with dk/dv summed over query-head groups."""
-    G = q.shape[1] // k.shape[1]
+    G = groups(q, k)
     dq, dk, dv = _FLASH_BWD(
         _fold(dout.contiguous(), G), _fold(q, G), k, v, _fold(out, G), _fold(lse, G), 0.0, False,
         attn_mask=_fold_mask(add, G, q), scale=scale,

@@ -19,6 +19,7 @@ from ..masks._base import _BIG, EMPTY, FULL, Grid, Mask
 Q_TILE = 64  # query rows per tile: small enough that band masks waste little
 K_TILE = 64  # key granularity of skipping for masks without interval structure
 ALIGN = 16  # masked tiles are widened to a multiple of this: the fused kernel runs faster
+BAND_TILE = 32  # rows per tile inside bands: less band overlap wasted; batched calls hide the call overhead
 _CACHE_SIZE = 8
 
 
@@ -37,10 +38,41 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class Band:
+    """A run of equal row tiles sharing one mask pattern: tile ``t`` covers rows
+    ``row + t*q_tile + [0, q_tile)`` and keys ``row + t*q_tile + shift + [0, width)``.
+
+    Sliding windows and other translation-invariant masks give long bands; a
+    backend can serve a whole band with one batched kernel call on strided views.
+    """
+
+    row: int  # first query row
+    count: int  # number of tiles
+    q_tile: int
+    shift: int  # key start minus row start
+    width: int
+    rel_lo: int  # visible iff rel_lo <= k_pos - q_pos <= rel_hi
+    rel_hi: int
+    q_offset: int
+
+    @property
+    def rows(self) -> range:
+        return range(self.row, self.row + self.count * self.q_tile)
+
+    def pattern(self, device) -> torch.Tensor:
+        """The shared (q_tile, width) bool mask of every tile in the band."""
+        i = torch.arange(self.q_tile, device=device)[:, None]
+        j = torch.arange(self.width, device=device)[None, :]
+        rel = self.shift - self.q_offset + j - i  # k_pos - q_pos
+        return (rel >= self.rel_lo) & (rel <= self.rel_hi)
+
+
+@dataclass(frozen=True)
 class Plan:
     tiles: tuple[Tile, ...]
     tq: int
     tk: int
+    bands: tuple[Band, ...] = ()
 
     @property
     def visited(self) -> int:
@@ -109,7 +141,44 @@ def _interval_plan(lo: torch.Tensor, hi: torch.Tensor, q_pos: torch.Tensor, tk: 
             k0, k1 = _align(k0, k1, tk)
         r0 = i * q_tile
         tiles.append(Tile(r0, min(r0 + q_tile, tq), slice(k0, k1), k1 - k0, not ex))
-    return Plan(tuple(tiles), tq, tk)
+    return Plan(tuple(tiles), tq, tk, _bands(lo, hi, q_pos, tk, q_tile, grid, live))
+
+
+def _bands(lo, hi, q_pos, tk, q_tile, grid: Grid, live) -> tuple[Band, ...]:
+    """Runs of whole tiles whose rows all see ``q_pos + [rel_lo, rel_hi]``, unclipped: one pattern per run."""
+    tq = q_pos.numel()
+    if lo.shape[0] != 1 or tq < 2 * q_tile:
+        return ()
+    off = int(q_pos[0])
+    if not torch.equal(q_pos, torch.arange(tq, device=q_pos.device) + off):
+        return ()
+    n = tq // q_tile  # whole tiles only
+    rl = (lo[0, : n * q_tile] - q_pos[: n * q_tile]).view(n, q_tile)
+    rh = (hi[0, : n * q_tile] - q_pos[: n * q_tile]).view(n, q_tile)
+    ok = (rl == rl[:, :1]).all(1) & (rh == rh[:, :1]).all(1) & live[0, : n * q_tile].view(n, q_tile).all(1)
+    rl, rh = rl[:, 0], rh[:, 0]
+    k0 = torch.arange(n, device=q_pos.device) * q_tile + off + rl
+    k1 = k0 + q_tile + rh - rl  # one past the last visible key of the tile (rl, rh: per-tile constants)
+    ok &= (k0 >= 0) & (k1 <= tk) & (rl > -_BIG // 2) & (rh < _BIG // 2)
+    bands = []
+    ok_l, rl_l, rh_l = ok.tolist(), rl.tolist(), rh.tolist()
+    sub = BAND_TILE if q_tile % BAND_TILE == 0 else q_tile
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and ok_l[i] and ok_l[j + 1] and rl_l[j + 1] == rl_l[i] and rh_l[j + 1] == rh_l[i]:
+            j += 1
+        if ok_l[i] and j > i:
+            row, lo_rel, hi_rel = i * q_tile, rl_l[i], rh_l[i]
+            width = sub + hi_rel - lo_rel
+            shift = off + lo_rel  # key start minus row start, unaligned
+            aligned = -(-width // ALIGN) * ALIGN
+            if row + shift - (aligned - width) >= 0:
+                shift, width = shift - (aligned - width), aligned
+            count = (j - i + 1) * (q_tile // sub)
+            bands.append(Band(row, count, sub, shift, width, lo_rel, hi_rel, off))
+        i = j + 1
+    return tuple(bands)
 
 
 def _align(k0: int, k1: int, tk: int) -> tuple[int, int]:
