@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
 from reference import reference
+from strategies import cases
 
 import qkv
 
@@ -25,3 +27,14 @@ def test_flex_forward_matches_reference(mask, score_mod, tq, tk, hq, hkv):
     dense = mask.materialize(tq, tk, batch=2, heads=hq)
     ref, _, _ = reference(q, k, v, mask=dense, score_mod=score_mod)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@settings(max_examples=6)
+@given(case=cases(max_t=48, dtype=torch.float32))
+def test_flex_random_calls_match_reference(case):
+    """Random masks (every kind), score mods, biases and GQA; forward only (FlexAttention has no CPU backward)."""
+    ref, _, _ = reference(case.q, case.k, case.v, mask=case.dense_mask(), bias=case.bias, score_mod=case.score_mod,
+                          scale=case.scale, q_offset=case.q_offset)
+    with torch.no_grad():
+        out = qkv.attention(case.q, case.k, case.v, backend="flex", **case.call_kwargs())
+    torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=5e-5)

@@ -180,3 +180,17 @@ def test_masks_check_the_call():
 def test_repr_is_readable():
     m = qkv.masks.causal() & qkv.masks.sliding_window(8) | ~qkv.masks.strided(2)
     assert "causal()" in repr(m) and "sliding_window(8, 0)" in repr(m) and "~(strided(2))" in repr(m)
+
+
+@given(st.data())
+def test_classify_one_tile_is_exact(data):
+    B, H = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    mask = data.draw(masks(B, H, 24, 24, 0))
+    if mask is None or isinstance(mask, torch.Tensor):
+        return
+    mask = qkv.masks.as_mask(mask)
+    q0, k0 = data.draw(st.integers(0, 20)), data.draw(st.integers(0, 20))
+    q1, k1 = data.draw(st.integers(q0 + 1, 24)), data.draw(st.integers(k0 + 1, 24))
+    dense = mask.materialize(24, 24, batch=B, heads=H, q_offset=0)[:, :, q0:q1, k0:k1]
+    want = FULL if dense.all() else PARTIAL if dense.any() else EMPTY
+    assert mask.classify((q0, q1), (k0, k1), batch=B, heads=H) == want

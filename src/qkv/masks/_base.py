@@ -208,6 +208,29 @@ class Mask:
         s = mask._states(grid)
         return s.expand(batch, heads, grid.nq, grid.nk)
 
+    def classify(self, q_range: tuple[int, int], k_range: tuple[int, int], *, batch: int = 1,
+                 heads: int = 1) -> int:
+        """State of one tile: queries at absolute positions ``q_range = (start, stop)`` against keys ``k_range``.
+
+        Returns EMPTY (0), PARTIAL (1) or FULL (2), over every batch entry and head
+        (EMPTY only if empty for all, FULL only if full for all). Exact.
+        """
+        (q0, q1), (k0, k1) = q_range, k_range
+        if q1 <= q0 or k1 <= k0:
+            return EMPTY
+        q_pos = torch.arange(q0, q1)
+        mask = self._bind(0)  # tensor masks: rows are positions
+        iv = mask._intervals(q_pos)
+        if iv is not None:
+            lo, hi = iv
+            any_ = bool((torch.maximum(lo, torch.tensor(k0)) <= torch.minimum(hi, torch.tensor(k1 - 1))).any())
+            all_ = bool(((lo <= k0) & (hi >= k1 - 1)).all())
+        else:
+            k_pos = torch.arange(k0, k1)
+            m = evaluate4d(mask, *_index_grid(batch, heads, q_pos, k_pos))
+            any_, all_ = bool(m.any()), bool(m.all())
+        return FULL if all_ else PARTIAL if any_ else EMPTY
+
     def __and__(self, other) -> Mask:
         return And([self, as_mask(other)])
 
