@@ -54,6 +54,8 @@ def attention(
     Returns:
         ``out`` (B, Hq, Tq, Dv), or a tuple ``(out, weights?, lse?)``. A query row
         with no visible key gets output 0, weights 0, lse -inf and gradient 0.
+        ``out`` and ``lse`` are differentiable on every backend that supports
+        backward; ``weights`` carry gradients on ``eager`` only.
     """
     call = _validate(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
                      dropout_p=dropout_p, return_weights=return_weights, return_lse=return_lse)

@@ -72,3 +72,28 @@ def test_topk_weights_long_input_equals_full_topk():
     torch.testing.assert_close(full.gather(-1, idx.clamp(min=0)), vals)
     rows = torch.tensor([0, 1, 2999, 1500])
     torch.testing.assert_close(qkv.attention_weights(q, k, mask=mask, rows=rows), full[:, :, rows])
+
+
+def test_plans_never_go_stale():
+    """Masks snapshot their tensors; functions and tensors passed directly are never cached."""
+    q = k = v = torch.randn(1, 2, 200, 16)
+    lengths = torch.tensor([150])
+    mask = qkv.masks.padding(lengths)
+    before = qkv.attention(q, k, v, mask=mask, backend="chunked")
+    lengths[0] = 20  # the mask keeps its own copy
+    torch.testing.assert_close(qkv.attention(q, k, v, mask=mask, backend="chunked"), before)
+
+    state = {"n": 150}
+    fn = lambda b, h, qp, kp: kp < state["n"]  # noqa: E731
+    first = qkv.attention(q, k, v, mask=fn, backend="chunked")
+    state["n"] = 20
+    second = qkv.attention(q, k, v, mask=fn, backend="chunked")
+    ref = qkv.attention(q, k, v, mask=qkv.masks.padding([20]), backend="eager")
+    torch.testing.assert_close(second, ref)
+    assert not torch.allclose(first, second)
+
+    t = torch.ones(200, 200, dtype=torch.bool)
+    tm = qkv.masks.from_tensor(t)
+    qkv.attention(q, k, v, mask=tm, backend="chunked")
+    t[:, 20:] = False
+    torch.testing.assert_close(qkv.attention(q, k, v, mask=tm, backend="chunked"), ref)

@@ -31,7 +31,7 @@ register("chunked", chunked, **_EVERYTHING, notes="skips empty tiles; O(Tq*tile)
 register("sdpa", sdpa, bias=True, dropout=True, backward=True, notes="torch SDPA; structured masks are materialised")
 register(
     "flex", _flex.flex, check=_flex.check, score_mod=True, bias=True, lse=True, backward=True,
-    dtypes=(ALL_DTYPES[0], ALL_DTYPES[1], ALL_DTYPES[2]),
+    dtypes=(ALL_DTYPES[0], ALL_DTYPES[1], ALL_DTYPES[2]), devices=("cpu", "cuda"),
     available=not _flex.UNAVAILABLE, reason=_flex.UNAVAILABLE,
     notes="compiled FlexAttention; CPU: inference only, no lse; first call per shape compiles",
 )

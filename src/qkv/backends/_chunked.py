@@ -18,10 +18,20 @@ from __future__ import annotations
 import torch
 
 from ..masks._base import Mask, evaluate4d
-from ._kernels import NEG_INF, accumulation_dtype, flash_available, flash_backward, flash_forward, index_grids, math_attention
+from ._kernels import (
+    NEG_INF,
+    accumulation_dtype,
+    flash_available,
+    flash_backward,
+    flash_forward,
+    index_grids,
+    math_attention,
+    probabilities,
+    scores,
+)
 from ._plan import Band, Plan, Tile, plan_for
 
-_SCRATCH_BYTES = 32 << 20  # per math-kernel chunk of scores; bounds memory for long rows
+_SCRATCH_BYTES = 32 << 20  # per chunk of scores or per-tile kernel buffers; bounds memory for long rows
 
 
 def call_plan(mask: Mask | None, q_offset: int, tq: int, tk: int, batch: int, heads: int, device) -> Plan:
@@ -41,7 +51,7 @@ def _tiles(x: torch.Tensor, b: int, row: int, count: int, step: int, rows: int) 
 class _Run:
     """Everything a chunked call needs besides q, k, v, bias; shared by forward, backward and the weights pass."""
 
-    def __init__(self, plan: Plan, mask, score_mod, scale, q_pos, batch, heads, dropout_p=0.0):
+    def __init__(self, plan: Plan, mask, score_mod, scale, q_pos, batch, heads, dropout_p=0.0, need_lse=True):
         self.plan = plan
         self.mask = mask
         self.score_mod = score_mod
@@ -51,7 +61,7 @@ class _Run:
         self.heads = heads
         self.dropout_p = dropout_p
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-        self.need_lse = True
+        self.need_lse = need_lse  # the public lse (-inf on empty rows) costs a pass over each tile's mask
 
     # -- per-tile pieces ------------------------------------------------------
 
@@ -116,7 +126,7 @@ class _Run:
 
     # -- passes ------------------------------------------------------------------
 
-    def forward(self, q, k, v, bias, need_lse=True):
+    def forward(self, q, k, v, bias):
         """Returns out (B, Hq, Tq, Dv), the kernels' raw lse (for backward) and the public lse (-inf on empty rows)."""
         B, Hq, Tq = q.shape[:3]
         out = q.new_empty(B, Hq, Tq, v.shape[-1])
@@ -126,7 +136,7 @@ class _Run:
         bands = self._bands(bias) if flash else ()
         banded = {r for b in bands for r in b.rows}
         for band in bands:
-            self._band_forward(band, q, k, v, out, raw, lse if need_lse else None)
+            self._band_forward(band, q, k, v, out, raw, lse if self.need_lse else None)
         covered = 0
         for i, t in enumerate(self.plan.tiles):
             out[:, :, covered : t.r0] = 0  # rows that see no key
@@ -143,7 +153,7 @@ class _Run:
             o, l = flash_forward(q[:, :, t.r0 : t.r1], self.keys(k, t), self.keys(v, t), add, self.scale)
             out[:, :, t.r0 : t.r1] = o
             raw[:, :, t.r0 : t.r1] = l
-            if need_lse:
+            if self.need_lse:
                 if add is not None:  # the kernel reports 0, not -inf, on rows that see no key
                     l = l.masked_fill(torch.isneginf(add).all(-1), NEG_INF)
                 lse[:, :, t.r0 : t.r1] = l
@@ -268,19 +278,29 @@ class _Run:
             else:
                 target.index_add_(-1, t.keys, g[3])
 
-    def weights(self, q, k, bias, *, rows_out: torch.Tensor | None = None, topk: int | None = None):
-        """Exact probabilities per tile: dense (B, Hq, Tq, Tk), or top-k (values, key indices)."""
+    def weights(self, q, k, bias, lse: torch.Tensor | None = None, *, topk: int | None = None):
+        """Exact probabilities per tile: dense (B, Hq, Tq, Tk), or top-k (values, key indices).
+
+        With the forward pass's log-sum-exp the probabilities are ``exp(score - lse)``,
+        a second pass with no reduction; without it each tile normalises itself
+        (it holds every visible key of its rows).
+        """
         B, Hq, Tq = q.shape[:3]
-        Tk = self.plan.tk
         if topk is not None:
             values = q.new_zeros(B, Hq, Tq, topk)
             index = torch.full((B, Hq, Tq, topk), -1, dtype=torch.long, device=q.device)
         else:
-            dense = q.new_zeros(B, Hq, Tq, Tk)
+            dense = q.new_zeros(B, Hq, Tq, self.plan.tk)
         for i, t in enumerate(self.plan.tiles):
             kpos = t.key_positions(q.device)
             for r0, r1 in self.chunks(t):
-                _, _, p = self.math(q, k, None, bias, t, i, r0, r1, need_weights=True)
+                if lse is None:
+                    p = self.math(q, k, None, bias, t, i, r0, r1, need_weights=True)[2]
+                else:
+                    s = scores(q[:, :, r0:r1], self.keys(k, t), scale=self.scale, q_pos=self.q_pos[r0:r1], k_pos=kpos,
+                               mask=self.tile_mask(t, r0, r1), bias=self.tile_bias(bias, t, r0, r1),
+                               score_mod=self.score_mod)
+                    p = probabilities(s, lse[:, :, r0:r1]).to(q.dtype)
                 if topk is not None:
                     n = min(topk, t.width)
                     val, idx = p.topk(n, dim=-1)
@@ -297,7 +317,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, run: _Run):
         ctx.set_materialize_grads(False)
-        out, raw, lse = run.forward(q, k, v, bias, need_lse=run.need_lse)
+        out, raw, lse = run.forward(q, k, v, bias)
         ctx.save_for_backward(q, k, v, bias, out, raw)
         ctx.run = run
         return out, lse
@@ -316,13 +336,12 @@ def chunked(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, retur
     Tk = k.shape[2]
     plan = call_plan(mask, q_offset, Tq, Tk, B, Hq, q.device)
     q_pos = torch.arange(Tq, device=q.device) + q_offset
-    run = _Run(plan, mask, score_mod, scale, q_pos, B, Hq, dropout_p)
-    run.need_lse = return_lse
+    run = _Run(plan, mask, score_mod, scale, q_pos, B, Hq, dropout_p, need_lse=return_lse or return_weights)
     out, lse = _ChunkedAttention.apply(q, k, v, bias, run)
     weights = None
     if return_weights:
         with torch.no_grad():
-            weights = run.weights(q, k, bias)
+            weights = run.weights(q, k, bias, lse.detach())
     return out, weights, lse if return_lse else None
 
 

@@ -21,7 +21,8 @@ else:
 _compiled = None
 
 
-def _kernel():
+def compiled_flex_attention():
+    """`flex_attention` under `torch.compile`, compiled once per process (what users of FlexAttention call)."""
     global _compiled
     if _compiled is None:
         _compiled = torch.compile(flex_attention, dynamic=False)
@@ -50,6 +51,8 @@ def _mask_mod(mask, q_offset):
 def _block_mask(mask, q_offset, B, H, Tq, Tk, device):
     if mask is None:
         return None
+    if not mask.cacheable:
+        return create_block_mask(_mask_mod(mask, q_offset), B, H, Tq, Tk, device=device)
     cache = mask.__dict__.setdefault("_qkv_flex_blocks", {})
     key = (q_offset, B, H, Tq, Tk, str(device))
     if key not in cache:
@@ -74,7 +77,7 @@ def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_w
                 score = score + bias4[b, h, q_idx, kv_idx].to(score.dtype)
             return score
 
-    result = _kernel()(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale,
+    result = compiled_flex_attention()(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale,
                        enable_gqa=Hq != k.shape[1], return_lse=return_lse)
     if return_lse:
         out, lse = result

@@ -38,6 +38,31 @@ def index_grids(batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
     )
 
 
+def scores(q, k, *, scale, q_pos, k_pos, mask=None, bias=None, score_mod=None) -> torch.Tensor:
+    """Masked scores ``score_mod(scale * q . k) + bias`` (-inf where hidden), (B, Hq, r, W) in the accumulation dtype.
+
+    q (B, Hq, r, D) and k (B, Hkv, W, D); grouped query heads share their kv head
+    through broadcasting, without copying k.
+    """
+    B, Hq, r, D = q.shape
+    Hkv, W = k.shape[1], k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    qa = q.to(acc).view(B, Hkv, Hq // Hkv, r, D)
+    s = torch.matmul(qa, k.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, Hq, r, W) * scale
+    if score_mod is not None:
+        s = score_mod(s, *index_grids(B, Hq, q_pos, k_pos))
+    if bias is not None:
+        s = s + bias.to(acc)
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    return s
+
+
+def probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities from scores and their saved log-sum-exp; 0 on rows that see no key."""
+    return torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1).to(s.dtype))
+
+
 def math_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,18 +85,9 @@ def math_attention(
     to (B, Hq, r, W). Returns ``(out (B, Hq, r, Dv) or None, lse (B, Hq, r),
     weights (B, Hq, r, W) or None)``; weights are pre-dropout probabilities.
     """
-    B, Hq, r, D = q.shape
+    B, Hq, r, _ = q.shape
     Hkv, W = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    acc = accumulation_dtype(q.dtype)
-    qa = q.to(acc).view(B, Hkv, G, r, D)
-    s = torch.matmul(qa, k.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, Hq, r, W) * scale
-    if score_mod is not None:
-        s = score_mod(s, *index_grids(B, Hq, q_pos, k_pos))
-    if bias is not None:
-        s = s + bias.to(acc)
-    if mask is not None:
-        s = s.masked_fill(~mask, NEG_INF)
+    s = scores(q, k, scale=scale, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias, score_mod=score_mod)
     if W:
         top = s.detach().amax(-1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, 0.0)  # all-masked rows: exp(-inf - 0) = 0, no NaN
@@ -87,10 +103,10 @@ def math_attention(
     out = None
     if v is not None:
         if dropout_p > 0.0:
-            keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=acc) >= dropout_p
+            keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) >= dropout_p
             p = p * keep / (1.0 - dropout_p)
-        Dv = v.shape[-1]
-        out = torch.matmul(p.view(B, Hkv, G, r, W), v.to(acc).unsqueeze(2)).view(B, Hq, r, Dv).to(q.dtype)
+        G, Dv = Hq // Hkv, v.shape[-1]
+        out = torch.matmul(p.view(B, Hkv, G, r, W), v.to(p.dtype).unsqueeze(2)).view(B, Hq, r, Dv).to(q.dtype)
     return out, lse, weights
 
 

@@ -95,7 +95,7 @@ def plan_for(mask: Mask | None, q_pos: torch.Tensor, tk: int, batch: int, heads:
     """The tile plan of `mask` for query rows at `q_pos` against keys 0..tk-1 (cached when `cache_key` is given)."""
     q_tile = q_tile or Q_TILE
     k_tile = k_tile or K_TILE
-    if mask is not None and cache_key is not None:
+    if mask is not None and cache_key is not None and mask.cacheable:
         cache = mask.__dict__.setdefault("_qkv_plans", {})
         key = (cache_key, tk, batch, heads, q_tile, k_tile, str(q_pos.device))
         plan = cache.get(key)

@@ -32,7 +32,7 @@ class Capabilities:
     gqa: bool = True  # Hq a multiple of Hkv
     head_dims_differ: bool = True  # D != Dv
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
-    devices: tuple[str, ...] = ("cpu", "cuda")
+    devices: tuple[str, ...] | None = None  # device types served; None: any
     available: bool = True  # usable with this torch build
     reason: str = ""  # why not, when unavailable
     notes: str = ""
@@ -96,7 +96,7 @@ class Backend:
             (Hq != Hkv and not c.gqa, "grouped-query heads"),
             (D != Dv and not c.head_dims_differ, "D != Dv"),
             (call.q.dtype not in c.dtypes, f"dtype {call.q.dtype}"),
-            (call.q.device.type not in c.devices, f"device {call.q.device.type}"),
+            (c.devices is not None and call.q.device.type not in c.devices, f"device {call.q.device.type}"),
         ]
         out = [what for bad, what in wants if bad]
         if not out and self.check is not None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from qkv.backends._flex import compiled_flex_attention
 
 H, D = 8, 64  # the targets' configuration: fp32, B=1, H=8, D=64
 
@@ -101,18 +102,6 @@ def _inputs(case: Case, grad: bool):
     return [torch.randn(1, H, case.T, D, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-_flex_kernel = None
-
-
-def _flex():
-    global _flex_kernel
-    if _flex_kernel is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _flex_kernel = torch.compile(flex_attention, dynamic=False)
-    return _flex_kernel
-
-
 def make_fn(case: Case, impl: str) -> Callable[[], object]:
     """A no-argument function running `case` with `impl` ("qkv" or the baseline)."""
     grad = case.backward
@@ -148,7 +137,7 @@ def make_fn(case: Case, impl: str) -> Callable[[], object]:
         from torch.nn.attention.flex_attention import create_block_mask
 
         block_mask = create_block_mask(mask_mod, None, None, case.T, case.T, device="cpu")
-        kernel = _flex()
+        kernel = compiled_flex_attention()
         return run(lambda: kernel(q, k, v, block_mask=block_mask))
     raise ValueError(f"case {case.name!r} has no baseline")
 

@@ -10,7 +10,9 @@ FlexAttention). Query row ``i`` of a call sits at position ``q_offset + i``.
 torch.Size([1, 1, 4, 4])
 
 Combine with ``&``, ``|``, ``~``. Plain FlexAttention-style functions and
-bool tensors are accepted wherever a mask is (see :func:`as_mask`).
+bool tensors are accepted wherever a mask is (see :func:`as_mask`). Masks copy
+the tensors they are built from: they are immutable, which lets backends cache
+their tile plans on them.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def from_tensor(mask: torch.Tensor, q_offset: int | None = None) -> Mask:
 def from_function(fn: Callable) -> Mask:
     """Wrap a FlexAttention-style ``fn(b, h, q_pos, k_pos) -> bool tensor``.
 
-    Wrapping once and reusing the mask lets backends cache its tile plan.
+    Wrapping once and reusing the mask lets backends cache its tile plan (found by
+    evaluating the function), so do it only for functions whose answer never changes.
     """
     return FunctionMask(fn)

@@ -155,6 +155,9 @@ class Mask:
     signature combine too (``causal() & my_fn``).
     """
 
+    #: Whether backends may cache plans on this mask: its answer never changes.
+    cacheable = True
+
     def __call__(self, b, h, q_pos, k_pos) -> torch.Tensor:
         raise NotImplementedError
 
@@ -266,9 +269,13 @@ class _Combination(Mask):
         for p in parts:
             flat.extend(p.parts if type(p) is type(self) else [p])
         self.parts = flat
+        self.cacheable = all(p.cacheable for p in flat)
 
     def _bind(self, q_offset):
-        return type(self)([p._bind(q_offset) for p in self.parts])
+        bound = [p._bind(q_offset) for p in self.parts]
+        if all(b is p for b, p in zip(bound, self.parts)):
+            return self  # keep the object (and the plans cached on it)
+        return type(self)(bound)
 
     def _check(self, *args):
         for p in self.parts:
@@ -330,12 +337,14 @@ class Not(Mask):
 
     def __init__(self, inner: Mask):
         self.inner = inner
+        self.cacheable = inner.cacheable
 
     def __call__(self, b, h, q_pos, k_pos):
         return ~evaluate(self.inner, b, h, q_pos, k_pos)
 
     def _bind(self, q_offset):
-        return Not(self.inner._bind(q_offset))
+        bound = self.inner._bind(q_offset)
+        return self if bound is self.inner else Not(bound)
 
     def _check(self, *args):
         self.inner._check(*args)
@@ -350,10 +359,11 @@ class Not(Mask):
 class FunctionMask(Mask):
     """A plain FlexAttention-style ``fn(b, h, q_pos, k_pos) -> bool tensor``."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, cacheable: bool = True):
         if not callable(fn):
             raise TypeError(f"mask function must be callable, got {type(fn).__name__}")
         self.fn = fn
+        self.cacheable = cacheable  # False when wrapped implicitly: the function may close over changing state
 
     def __call__(self, b, h, q_pos, k_pos):
         return self.fn(b, h, q_pos, k_pos)
@@ -366,8 +376,11 @@ class TensorMask(Mask):
     """A bool tensor broadcastable to (B, H, Tq, Tk), indexed by query row and key.
 
     Row ``i`` of the tensor is the query at absolute position ``q_offset + i``;
-    with ``q_offset=None`` the rows follow the call they are used in.
+    with ``q_offset=None`` the rows follow the call they are used in. The tensor
+    is not copied (it may be large), so plans are never cached on it.
     """
+
+    cacheable = False
 
     def __init__(self, tensor: torch.Tensor, q_offset: int | None = None):
         if not isinstance(tensor, torch.Tensor):
@@ -430,13 +443,18 @@ class TensorMask(Mask):
 
 
 def as_mask(mask) -> Mask | None:
-    """Normalise what users pass as ``mask=``: None, a Mask, a function, or a bool tensor."""
+    """Normalise what users pass as ``mask=``: None, a Mask, a function, or a bool tensor.
+
+    A plain function is wrapped anew on every call, so nothing about it is
+    cached (it may close over state that changes); wrap it once with
+    `qkv.masks.from_function` to let backends cache its tile plans.
+    """
     if mask is None or isinstance(mask, Mask):
         return mask
     if isinstance(mask, torch.Tensor):
         return TensorMask(mask)
     if callable(mask):
-        return FunctionMask(mask)
+        return FunctionMask(mask, cacheable=False)
     raise TypeError(
         f"mask must be None, a qkv.masks.Mask, a function fn(b, h, q_pos, k_pos) -> bool tensor, "
         f"or a bool tensor; got {type(mask).__name__}"

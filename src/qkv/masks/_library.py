@@ -25,7 +25,7 @@ def _long_tensor(name: str, value, dims: tuple[int, ...]) -> torch.Tensor:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
     if t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
-    return t.long()
+    return t.detach().to("cpu", torch.long, copy=True)  # a snapshot: masks are immutable, plans are cached
 
 
 class _Tensors:
@@ -265,7 +265,7 @@ class BlockSparse(Mask):
                 f"(B, H, nq, nk); got {tuple(layout.shape)}"
             )
         self.block_size = _int_arg("block_sparse block_size", block_size, 1)
-        self.layout = layout.view(*([1] * (4 - layout.dim())), *layout.shape).cpu()
+        self.layout = layout.view(*([1] * (4 - layout.dim())), *layout.shape).to("cpu", copy=True)
         counts = torch.nn.functional.pad(self.layout.to(torch.int32).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
         self._t = _Tensors(layout=self.layout, counts=counts)  # counts: 2-D prefix sums
 
