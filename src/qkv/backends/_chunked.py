@@ -48,6 +48,10 @@ def _tiles(x: torch.Tensor, b: int, row: int, count: int, step: int, rows: int) 
     return x.as_strided(size, stride, x.storage_offset() + b * st[0] + row * st[2])
 
 
+def _in_bands(row: int, bands) -> bool:
+    return any(row in b.rows for b in bands)
+
+
 class _Run:
     """Everything a chunked call needs besides q, k, v, bias; shared by forward, backward and the weights pass."""
 
@@ -134,14 +138,14 @@ class _Run:
         flash = self.use_flash(q, v, bias)
         raw = torch.zeros_like(lse) if flash else lse
         bands = self._bands(bias) if flash else ()
-        banded = {r for b in bands for r in b.rows}
         for band in bands:
             self._band_forward(band, q, k, v, out, raw, lse if self.need_lse else None)
         covered = 0
         for i, t in enumerate(self.plan.tiles):
-            out[:, :, covered : t.r0] = 0  # rows that see no key
+            if covered < t.r0:
+                out[:, :, covered : t.r0] = 0  # rows that see no key
             covered = t.r1
-            if t.r0 in banded:
+            if _in_bands(t.r0, bands):
                 continue
             if not flash:
                 for r0, r1 in self.chunks(t):
@@ -157,7 +161,8 @@ class _Run:
                 if add is not None:  # the kernel reports 0, not -inf, on rows that see no key
                     l = l.masked_fill(torch.isneginf(add).all(-1), NEG_INF)
                 lse[:, :, t.r0 : t.r1] = l
-        out[:, :, covered:] = 0
+        if covered < Tq:
+            out[:, :, covered:] = 0
         return out, raw, lse
 
     def _bands(self, bias) -> tuple[Band, ...]:
@@ -217,11 +222,10 @@ class _Run:
             dout = torch.zeros_like(out)
         flash = self.use_flash(q, v, bias) and dlse is None
         bands = self._bands(bias) if flash else ()
-        banded = {r for b in bands for r in b.rows}
         for band in bands:
             self._band_backward(band, dout, q, k, v, out, raw, dq, dk, dv)
         for i, t in enumerate(self.plan.tiles):
-            if t.r0 in banded:
+            if _in_bands(t.r0, bands):
                 continue
             if flash:
                 g = flash_backward(
