@@ -111,3 +111,29 @@ def test_auto_drops_a_mask_that_hides_nothing():
                                     return_lse=False)
     name, call2 = qkv.backends.choose(call)
     assert name == "sdpa" and call2.mask is None
+
+
+def _layouts(x):
+    """The same values in memory layouts models produce: contiguous, (B, T, H, D) transposed, feature-strided."""
+    B, H, T, D = x.shape
+    yield "contiguous", x.contiguous()
+    yield "bthd", x.transpose(1, 2).contiguous().transpose(1, 2)
+    wide = torch.zeros(B, H, T, 2 * D, dtype=x.dtype)
+    wide[..., ::2] = x
+    yield "feature-stride-2", wide[..., ::2]
+    fused = torch.zeros(B, T, 3, H, D, dtype=x.dtype)
+    fused[:, :, 1] = x.transpose(1, 2)
+    yield "fused-qkv-slice", fused[:, :, 1].transpose(1, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", [None, qkv.masks.causal(), qkv.masks.sliding_window(40)], ids=["none", "causal", "window"])
+def test_memory_layout_does_not_change_results(backend, mask):
+    q, k, v = _qkv(2, 4, 4, 300, 300, 16, 7, dtype=torch.float32)
+    ref = qkv.attention(q, k, v, mask=mask, backend="eager")
+    for (name, ql), (_, kl), (_, vl) in zip(_layouts(q), _layouts(k), _layouts(v)):
+        ql, kl, vl = (t.detach().requires_grad_() for t in (ql, kl, vl))  # keeps the strides
+        out = qkv.attention(ql, kl, vl, mask=mask, backend=backend)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+        out.sum().backward()
+        assert torch.isfinite(kl.grad).all()

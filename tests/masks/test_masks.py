@@ -25,6 +25,14 @@ DEFINITIONS = {
     "window": (lambda: qkv.masks.sliding_window(3), lambda b, h, q, k: q - 3 <= k <= q),
     "window_lr": (lambda: qkv.masks.sliding_window(2, 3), lambda b, h, q, k: q - 2 <= k <= q + 3),
     "padding": (lambda: qkv.masks.padding([5, 9]), lambda b, h, q, k: k < [5, 9][b]),
+    "key_padding": (
+        lambda: qkv.masks.key_padding(torch.tensor([[0] * 5 + [1] * 11, [1] * 16])),
+        lambda b, h, q, k: k >= 5 or b == 1,
+    ),
+    "key_padding_holes": (
+        lambda: qkv.masks.key_padding(torch.tensor([[1, 0] * 8, [0, 1, 1, 1] * 4])),
+        lambda b, h, q, k: [[1, 0] * 8, [0, 1, 1, 1] * 4][b][k] == 1,
+    ),
     "document": (
         lambda: qkv.masks.document(torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3], [5] * 6 + [7] * 10])),
         lambda b, h, q, k: [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3], [5] * 6 + [7] * 10][b][q]
@@ -78,7 +86,7 @@ def _true_states(dense, q_tile, k_tile):
     return out
 
 
-EXACT = {"causal", "window", "window_lr", "padding", "document", "prefix", "prefix_batched", "global",
+EXACT = {"causal", "window", "window_lr", "padding", "key_padding", "key_padding_holes", "document", "prefix", "prefix_batched", "global",
          "block_sparse", "block_sparse_heads", "function", "and", "document_scattered"}
 
 

@@ -28,6 +28,7 @@ from ._kernels import (
     math_attention,
     probabilities,
     scores,
+    unit_stride,
 )
 from ._plan import Band, Plan, Tile, plan_for
 
@@ -321,6 +322,7 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, run: _Run):
         ctx.set_materialize_grads(False)
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         out, raw, lse = run.forward(q, k, v, bias)
         ctx.save_for_backward(q, k, v, bias, out, raw)
         ctx.run = run

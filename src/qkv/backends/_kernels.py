@@ -170,6 +170,11 @@ def _fold_mask(add: torch.Tensor | None, groups: int, q: torch.Tensor) -> torch.
     return _fold(add.expand(add.shape[0], heads, *add.shape[2:]), groups)
 
 
+def unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """The fused kernel reads features as contiguous runs: give it tensors whose last dim has stride 1."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def flash_forward(q, k, v, add: torch.Tensor | None, scale: float):
     """Fused forward on one tile. q (B, Hq, r, D), k/v (B, Hkv, W, D), add (B', H', r, W) additive float in q.dtype.
 

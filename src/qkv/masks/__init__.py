@@ -27,6 +27,7 @@ from ._library import (
     Causal,
     Document,
     GlobalTokens,
+    KeyPadding,
     Padding,
     PrefixLM,
     SlidingWindow,
@@ -36,7 +37,7 @@ from ._library import (
 __all__ = [
     "Mask", "EMPTY", "PARTIAL", "FULL", "as_mask",
     "causal", "sliding_window", "padding", "document", "prefix_lm", "global_tokens",
-    "strided", "block_sparse", "from_tensor", "from_function",
+    "strided", "block_sparse", "from_tensor", "from_function", "key_padding",
 ]
 
 
@@ -56,6 +57,12 @@ def sliding_window(left: int, right: int = 0) -> Mask:
 def padding(lengths: Sequence[int] | torch.Tensor) -> Mask:
     """Hide keys at ``k >= lengths[b]`` (right-padded batches). ``lengths``: (B,) ints."""
     return Padding(lengths)
+
+
+def key_padding(attention_mask: torch.Tensor) -> Mask:
+    """Hide keys where ``attention_mask[b, k] == 0``: the (B, Tk) 0/1 mask of Hugging Face tokenizers,
+    left or right padded. Rows whose kept keys are contiguous get exact interval plans."""
+    return KeyPadding(attention_mask)
 
 
 def document(ids: Sequence[int] | torch.Tensor) -> Mask:

@@ -301,3 +301,42 @@ class BlockSparse(Mask):
 
     def __repr__(self):
         return f"block_sparse(layout of shape {tuple(self.layout.shape)}, {self.block_size})"
+
+
+class KeyPadding(Mask):
+    """Keys where ``attention_mask[b, k]`` is 0 are hidden (Hugging Face's ``attention_mask``, any padding side)."""
+
+    def __init__(self, attention_mask):
+        t = torch.as_tensor(attention_mask)
+        if t.dim() != 2:
+            raise ValueError(f"attention_mask must be (B, Tk), got shape {tuple(t.shape)}")
+        if t.is_floating_point():
+            raise TypeError(f"attention_mask must hold 0/1 integers or bools, got dtype {t.dtype}")
+        keep = t.detach().to("cpu", torch.bool, copy=True)
+        self.keep = keep
+        n = keep.shape[1]
+        idx = torch.arange(n)
+        first = torch.where(keep, idx, n).amin(-1)
+        last = torch.where(keep, idx, -1).amax(-1)
+        self.contiguous = bool((keep.sum(-1) == (last - first + 1).clamp(min=0)).all())
+        self._t = _Tensors(keep=keep, first=first, last=last)
+
+    def __call__(self, b, h, q_pos, k_pos):
+        keep = self._t.on(k_pos.device)["keep"]
+        return keep[_batch_index(b, keep.shape[0]), k_pos]
+
+    def _check(self, q_min, q_max, tk, batch, heads):
+        _check_batch("attention_mask", self.keep.shape[0], batch)
+        if self.keep.shape[1] < tk:
+            raise ValueError(f"attention_mask covers {self.keep.shape[1]} keys but the call has Tk={tk}; "
+                             "give one entry per key (extend it by 1 per decoded token)")
+
+    def _intervals(self, q_pos):
+        if not self.contiguous:
+            return None
+        t = self._t.on(q_pos.device)
+        n = q_pos.numel()
+        return t["first"][:, None].expand(-1, n), t["last"][:, None].expand(-1, n)
+
+    def __repr__(self):
+        return f"key_padding(shape={tuple(self.keep.shape)})"

@@ -1,0 +1,9 @@
+"""Checkpoint converters: pure ``state_dict -> state_dict`` functions, one module per source format.
+
+`qkv.models` never imports this package; `qkv.pretrained.load` does.
+"""
+
+from . import huggingface
+from ._keymap import ConversionError, KeyMap, check_complete
+
+__all__ = ["huggingface", "ConversionError", "KeyMap", "check_complete"]

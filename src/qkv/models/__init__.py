@@ -1,0 +1,16 @@
+"""Model families, one per file, each a typed config plus modules built from `qkv.nn`.
+
+- `TextEncoder` / `TextEncoderConfig`: BERT family, with classification, token
+  classification, question-answering heads and sentence embeddings.
+- `CausalLM` / `CausalLMConfig`: GPT-2 and Llama architectures.
+- `Seq2Seq` / `Seq2SeqConfig`: T5 and BART.
+"""
+
+from ._base import Model, ModelOutput
+from .causal_lm import CausalLM, CausalLMConfig
+from .generation import GenerationConfig
+from .seq2seq import Seq2Seq, Seq2SeqConfig
+from .text_encoder import TextEncoder, TextEncoderConfig
+
+__all__ = ["Model", "ModelOutput", "GenerationConfig", "TextEncoder", "TextEncoderConfig", "CausalLM",
+           "CausalLMConfig", "Seq2Seq", "Seq2SeqConfig"]

@@ -1,0 +1,96 @@
+"""What every model family shares: the output record, the tokenizer slot, backend switching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from .. import masks
+from ..nn import KVCache, MultiHeadAttention
+
+
+@dataclass
+class ModelOutput:
+    """What a model returns; fields a model does not produce stay None."""
+
+    last_hidden_state: torch.Tensor
+    logits: torch.Tensor | None = None
+    attentions: list[torch.Tensor] | None = None  # one (B, H, Tq, Tk) tensor per layer (return_weights=True)
+    hidden_states: list[torch.Tensor] | None = None  # embeddings, then the output of each layer
+    cache: KVCache | None = None
+    pooled: torch.Tensor | None = None  # BERT pooler output
+    start_logits: torch.Tensor | None = None  # extractive question answering
+    end_logits: torch.Tensor | None = None
+    cross_attentions: list[torch.Tensor] | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    encoder_attentions: list[torch.Tensor] | None = None
+
+    def __getitem__(self, name: str):
+        return getattr(self, name)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
+class Model(nn.Module):
+    """Base of the model families: a config, an optional tokenizer, attention backend control."""
+
+    config: object
+    tokenizer = None  # set by qkv.load (a qkv.pretrained.Tokenizer)
+
+    def set_backend(self, backend: str) -> Model:
+        """Use attention backend ``backend`` ("auto", "sdpa", "chunked", "eager", ...) in every layer."""
+        from ..backends import get
+
+        if backend != "auto":
+            get(backend)  # unknown names fail here, with the list of known ones
+        for m in self.modules():
+            if isinstance(m, MultiHeadAttention):
+                m.backend = backend
+        return self
+
+    @property
+    def backend(self) -> str:
+        names = {m.backend for m in self.modules() if isinstance(m, MultiHeadAttention)}
+        return names.pop() if len(names) == 1 else "mixed"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (tied weights counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def _require_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} needs a tokenizer: load the model with qkv.load(...) from a folder with tokenizer.json, "
+                "or set model.tokenizer = qkv.pretrained.Tokenizer.from_file(...)"
+            )
+        return self.tokenizer
+
+
+def key_mask(attention_mask: torch.Tensor | None, causal: bool):
+    """The attention mask for ``attention_mask`` (B, Tk) of 0/1 (None: no padding), optionally causal."""
+    pad = None
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        pad = masks.key_padding(attention_mask)
+    if causal:
+        return masks.causal() if pad is None else masks.causal() & pad
+    return pad
+
+
+def step_mask(attention_mask: torch.Tensor | None):
+    """Mask for one decoding step (Tq = 1 sees every cached key it may): a (B, 1, 1, Tk) bool tensor or None."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as Hugging Face's generate computes them: (B, T)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)

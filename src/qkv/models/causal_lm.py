@@ -1,0 +1,136 @@
+"""The causal language model family: GPT-2 and Llama architectures (and their mixes) in one config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RotaryEmbedding, TransformerEncoder
+from ._base import Model, ModelOutput, key_mask, positions_from_mask, step_mask
+from .generation import GenerationConfig, decode
+
+
+@dataclass
+class CausalLMConfig:
+    """Defaults are GPT-2 (124M). Llama: positions="rotary", norm="rms", activation="swiglu", bias=False."""
+
+    vocab_size: int = 50257
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # grouped-query attention when < n_heads
+    head_dim: int | None = None
+    ffn_dim: int = 3072
+    max_positions: int = 1024  # learned positions: table size; rotary: nominal context
+    positions: str = "learned"  # "learned" (GPT-2) or "rotary" (Llama)
+    rope_theta: float = 10000.0
+    rope_interleaved: bool = False  # False: half-split pairs (Llama/NeoX); True: GPT-J pairs
+    rotary_dim: int | None = None  # rotate only the first rotary_dim features of each head
+    norm: str = "layer"  # "layer" (GPT-2) or "rms" (Llama)
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2's gelu_new; Llama: "swiglu"
+    bias: bool = True
+    qk_norm: str | None = None
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.positions not in ("learned", "rotary"):
+            raise ValueError(f"positions={self.positions!r} must be 'learned' or 'rotary'")
+        self.block()  # validates the block fields
+
+    def block(self) -> BlockConfig:
+        return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, n_kv_heads=self.n_kv_heads,
+                           head_dim=self.head_dim, activation=self.activation, norm=self.norm,
+                           norm_eps=self.norm_eps, prenorm=True, bias=self.bias, qk_norm=self.qk_norm,
+                           dropout=self.dropout, attn_dropout=self.attn_dropout)
+
+
+class CausalLM(Model):
+    """Decoder-only language model: embeddings, pre-norm causal blocks, final norm, output head."""
+
+    def __init__(self, config: CausalLMConfig):
+        super().__init__()
+        self.config = c = config
+        self.tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.pos = LearnedPositions(c.max_positions, c.dim) if c.positions == "learned" else None
+        head_dim = c.head_dim or c.dim // c.n_heads
+        self.rotary = (RotaryEmbedding(c.rotary_dim or head_dim, c.rope_theta, c.rope_interleaved)
+                       if c.positions == "rotary" else None)
+        self.drop = nn.Dropout(c.dropout)
+        self.stack = TransformerEncoder(c.block(), c.n_layers, final_norm=True)
+        self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                return_weights: bool = False, return_hidden: bool = False, last_only: bool = False) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput(last_hidden_state, logits (B, T, V), attentions, cache).
+
+        ``attention_mask`` (B, Tk) covers the cached positions too. ``position_ids``
+        default to ``cache.length + arange(T)``. ``last_only`` computes logits for
+        the last position only (what decoding needs).
+        """
+        B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device)
+        x = self.tokens(input_ids)
+        if self.pos is not None:
+            x = x + self.pos(position_ids)
+        mask = step_mask(attention_mask) if T == 1 and start > 0 else key_mask(attention_mask, causal=True)
+        out = self.stack(self.drop(x), mask=mask, rotary=self.rotary, positions=position_ids, cache=cache,
+                          return_weights=return_weights, return_hidden=return_hidden)
+        if cache is not None:
+            cache.advance(T)
+        h = out.hidden
+        logits = self.lm_head(h[:, -1:] if last_only else h)
+        return ModelOutput(h, logits=logits, attentions=out.attentions, hidden_states=out.hidden_states, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | str | Sequence[str], attention_mask: torch.Tensor | None = None,
+                 *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                 pad_token_id: int | None = None, seed: int | None = None):
+        """Continue each prompt with a KV cache. Prompts are token ids (B, T), left-padded with an
+        ``attention_mask``, or text (needs a tokenizer); returns ids (B, T + n), or text for text.
+        Stops at ``eos_token_id`` (default: the config's) or after ``max_new_tokens``.
+        """
+        texts, single = None, isinstance(input_ids, str)
+        if isinstance(input_ids, str) or (isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], str)):
+            texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
+            enc = self._require_tokenizer("generate() on text").encode_batch(texts, padding_side="left",
+                                                                            device=self.device)
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        c = self.config
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed,
+                               eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
+                               pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = positions_from_mask(attention_mask)
+        cache = KVCache(c.n_layers, capacity=T + max_new_tokens)
+        logits = self(input_ids, attention_mask, positions, cache=cache, last_only=True).logits[:, -1]
+        state = {"mask": attention_mask, "pos": positions[:, -1:]}
+
+        def step(tok: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(B, 1)], dim=1)
+            state["pos"] = state["pos"] + 1
+            return self(tok[:, None], state["mask"], state["pos"], cache=cache).logits[:, -1]
+
+        new = decode(step, logits, gen)
+        ids = torch.cat([input_ids, new], dim=1)
+        if texts is None:
+            return ids
+        decoded = [self.tokenizer.decode(row.tolist()) for row in new]
+        return decoded[0] if single else decoded

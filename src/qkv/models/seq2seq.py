@@ -1,0 +1,182 @@
+"""The encoder-decoder family: T5 (relative position bias, pre-norm, RMSNorm) and BART (learned positions,
+post-norm, LayerNorm) as settings of one config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RelativePositionBias, TransformerDecoder, TransformerEncoder
+from ._base import Model, ModelOutput, key_mask, step_mask
+from .generation import GenerationConfig, decode
+
+
+@dataclass
+class Seq2SeqConfig:
+    """Defaults are T5-small. BART: positions="learned", norm="layer", prenorm=False, bias=True,
+    activation="gelu", scale=None, embed_norm=True, final_norm=False, scale_decoder_output=False."""
+
+    vocab_size: int = 32128
+    dim: int = 512
+    n_layers: int = 6
+    n_decoder_layers: int | None = None  # None: = n_layers
+    n_heads: int = 8
+    head_dim: int | None = 64
+    ffn_dim: int = 2048
+    positions: str = "relative"  # "relative" (T5 buckets) or "learned" (BART)
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    max_positions: int = 1024  # learned positions
+    position_offset: int = 0  # BART stores positions from 2
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    prenorm: bool = True
+    final_norm: bool = True  # norm after each stack (T5); BART has none
+    embed_norm: bool = False  # LayerNorm after the embeddings (BART's layernorm_embedding)
+    activation: str = "relu"  # T5 v1.1: "geglu_tanh"
+    bias: bool = False
+    scale: float | None = 1.0  # attention scale; T5 folds it into the init (1.0), BART uses 1/sqrt(d)
+    embed_scale: float = 1.0  # multiplies token embeddings (BART's scale_embedding: sqrt(dim))
+    tie_embeddings: bool = True
+    scale_decoder_output: bool = True  # T5 (with tied embeddings): decoder output * dim**-0.5 before the head
+    final_logits_bias: bool = False  # BART's extra bias on the logits
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    decoder_start_token_id: int = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.positions not in ("relative", "learned"):
+            raise ValueError(f"positions={self.positions!r} must be 'relative' or 'learned'")
+        self.block(False)
+
+    def block(self, cross: bool) -> BlockConfig:
+        return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, head_dim=self.head_dim,
+                           activation=self.activation, norm=self.norm, norm_eps=self.norm_eps, prenorm=self.prenorm,
+                           bias=self.bias, cross_attention=cross, scale=self.scale, dropout=self.dropout,
+                           attn_dropout=self.attn_dropout)
+
+
+class _Side(nn.Module):
+    """Position handling and embedding norm of one side (encoder or decoder)."""
+
+    def __init__(self, c: Seq2SeqConfig, bidirectional: bool):
+        super().__init__()
+        if c.positions == "relative":
+            self.rel = RelativePositionBias(c.n_heads, c.relative_buckets, c.relative_max_distance, bidirectional)
+            self.pos = None
+        else:
+            self.rel = None
+            self.pos = LearnedPositions(c.max_positions, c.dim, offset=c.position_offset)
+        self.norm = nn.LayerNorm(c.dim, eps=c.norm_eps) if c.embed_norm else None
+
+    def embed(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(start, start + x.shape[1], device=x.device))
+        return self.norm(x) if self.norm is not None else x
+
+    def bias(self, tq: int, tk: int, device) -> torch.Tensor | None:
+        return None if self.rel is None else self.rel(tq, tk, device=device)
+
+
+class Seq2Seq(Model):
+    """Encoder-decoder transformer with a language-model head on the decoder."""
+
+    def __init__(self, config: Seq2SeqConfig):
+        super().__init__()
+        self.config = c = config
+        self.tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.enc_side = _Side(c, bidirectional=True)
+        self.dec_side = _Side(c, bidirectional=False)
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = TransformerEncoder(c.block(False), c.n_layers, final_norm=c.final_norm)
+        self.decoder = TransformerDecoder(c.block(True), c.n_decoder_layers or c.n_layers, final_norm=c.final_norm)
+        self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tokens.weight
+        self.register_buffer("logits_bias", torch.zeros(c.vocab_size) if c.final_logits_bias else None)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               return_weights: bool = False, return_hidden: bool = False) -> ModelOutput:
+        """input_ids (B, S) -> ModelOutput(last_hidden_state (B, S, C), attentions, hidden_states)."""
+        S = input_ids.shape[1]
+        x = self.enc_side.embed(self.tokens(input_ids) * self.config.embed_scale, 0)
+        out = self.encoder(self.drop(x), mask=key_mask(attention_mask, causal=False),
+                           bias=self.enc_side.bias(S, S, input_ids.device), return_weights=return_weights,
+                           return_hidden=return_hidden)
+        return ModelOutput(out.hidden, attentions=out.attentions, hidden_states=out.hidden_states)
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                encoder_output: ModelOutput | None = None, cache: KVCache | None = None,
+                return_weights: bool = False, return_hidden: bool = False, last_only: bool = False) -> ModelOutput:
+        """Encode ``input_ids`` (or reuse ``encoder_output``) and decode ``decoder_input_ids`` (B, T).
+
+        Returns ModelOutput(last_hidden_state: decoder, logits (B, T, V), attentions: decoder
+        self-attention, cross_attentions, encoder_last_hidden_state, encoder_attentions, cache).
+        """
+        if encoder_output is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids (to encode) or encoder_output")
+            encoder_output = self.encode(input_ids, attention_mask, return_weights=return_weights)
+        if decoder_input_ids is None:
+            raise ValueError("pass decoder_input_ids: the decoder's tokens (start with decoder_start_token_id)")
+        ctx = encoder_output.last_hidden_state
+        T = decoder_input_ids.shape[1]
+        start = 0 if cache is None else cache.length
+        x = self.dec_side.embed(self.tokens(decoder_input_ids) * self.config.embed_scale, start)
+        self_mask = step_mask(decoder_attention_mask) if T == 1 and start > 0 else key_mask(decoder_attention_mask, causal=True)
+        bias = self.dec_side.bias(T, start + T, x.device)
+        context_mask = step_mask(attention_mask) if T == 1 else key_mask(attention_mask, causal=False)
+        out = self.decoder(self.drop(x), mask=self_mask, bias=bias, cache=cache, context=ctx,
+                           context_mask=context_mask, return_weights=return_weights,
+                           return_hidden=return_hidden)
+        if cache is not None:
+            cache.advance(T)
+        h = out.hidden
+        y = h[:, -1:] if last_only else h
+        if self.config.scale_decoder_output:
+            y = y * self.config.dim**-0.5
+        logits = self.lm_head(y)
+        if self.logits_bias is not None:
+            logits = logits + self.logits_bias
+        return ModelOutput(h, logits=logits, attentions=out.attentions, hidden_states=out.hidden_states,
+                           cross_attentions=out.cross_attentions, encoder_last_hidden_state=ctx,
+                           encoder_attentions=encoder_output.attentions, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | str | Sequence[str], attention_mask: torch.Tensor | None = None,
+                 *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                 pad_token_id: int | None = None, seed: int | None = None):
+        """Encode the inputs once, then decode from ``decoder_start_token_id`` with a KV cache.
+        Returns decoder ids (B, 1 + n) starting with the start token, or text for text inputs."""
+        texts, single = None, isinstance(input_ids, str)
+        if single or (isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], str)):
+            texts = [input_ids] if single else list(input_ids)
+            enc = self._require_tokenizer("generate() on text").encode_batch(texts, device=self.device)
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        c = self.config
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed,
+                               eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
+                               pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
+        B = input_ids.shape[0]
+        encoded = self.encode(input_ids, attention_mask)
+        cache = KVCache(len(self.decoder.layers), capacity=max_new_tokens + 1)
+        first = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+
+        def step(tok: torch.Tensor) -> torch.Tensor:
+            return self(attention_mask=attention_mask, decoder_input_ids=tok.view(B, 1), encoder_output=encoded,
+                        cache=cache).logits[:, -1]
+
+        new = decode(step, step(first[:, 0]), gen)
+        ids = torch.cat([first, new], dim=1)
+        if texts is None:
+            return ids
+        decoded = [self.tokenizer.decode(row.tolist()) for row in new]
+        return decoded[0] if single else decoded

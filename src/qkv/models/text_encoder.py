@@ -1,0 +1,154 @@
+"""The text encoder family (BERT, MiniLM, ...): a bidirectional stack with task heads and sentence embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import BlockConfig, LearnedPositions, Linear, TransformerEncoder
+from ._base import Model, ModelOutput, key_mask
+
+HEADS = (None, "sequence_classification", "token_classification", "question_answering")
+POOLING = ("mean", "cls", "max", "mean_sqrt_len")
+
+
+@dataclass
+class TextEncoderConfig:
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    ffn_dim: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2  # segment (token type) embeddings; 0 for none
+    activation: str = "gelu"
+    norm_eps: float = 1e-12
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    pad_token_id: int = 0
+    pooler: bool = True  # BERT's tanh pooler over the first token
+    head: str | None = None  # see HEADS
+    num_labels: int = 2
+    labels: list[str] | None = None  # names of the classes, index = class id
+    pooling: str = "mean"  # sentence embeddings (`embed`): mean, cls, max, mean_sqrt_len
+    normalize: bool = False  # L2-normalise sentence embeddings
+    max_length: int = 512  # texts are truncated to this many tokens
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r} is not one of {HEADS}")
+        if self.pooling not in POOLING:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLING}")
+        if self.labels is not None and len(self.labels) != self.num_labels:
+            raise ValueError(f"labels has {len(self.labels)} names but num_labels={self.num_labels}")
+        if self.max_length > self.max_positions:
+            raise ValueError(f"max_length={self.max_length} exceeds max_positions={self.max_positions}")
+
+    def block(self) -> BlockConfig:
+        return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, activation=self.activation,
+                           norm="layer", norm_eps=self.norm_eps, prenorm=False, dropout=self.dropout,
+                           attn_dropout=self.attn_dropout)
+
+
+class TextEncoder(Model):
+    """BERT-style encoder: token + position + segment embeddings, post-norm blocks, an optional head.
+
+    ``forward`` gives hidden states (and logits for the head); ``embed`` turns texts
+    into sentence vectors, ``classify`` texts into labels (with a tokenizer attached).
+    """
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = c = config
+        self.tokens = nn.Embedding(c.vocab_size, c.dim, padding_idx=c.pad_token_id)
+        self.pos = LearnedPositions(c.max_positions, c.dim)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.dim) if c.type_vocab_size else None
+        self.embed_norm = nn.LayerNorm(c.dim, eps=c.norm_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.encoder = TransformerEncoder(c.block(), c.n_layers, final_norm=False)
+        self.pooler = Linear(c.dim, c.dim) if c.pooler else None
+        if c.head == "question_answering":
+            self.classifier = Linear(c.dim, 2)
+        elif c.head is not None:
+            self.classifier = Linear(c.dim, c.num_labels)
+        if c.head == "sequence_classification" and self.pooler is None:
+            raise ValueError("head='sequence_classification' classifies the pooled first token: set pooler=True")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_weights: bool = False, return_hidden: bool = False) -> ModelOutput:
+        """input_ids (B, T) -> ModelOutput(last_hidden_state (B, T, C), pooled, logits / start & end logits)."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)
+        x = self.tokens(input_ids) + self.pos(position_ids)
+        if self.token_type is not None:
+            tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+            x = x + self.token_type(tt)
+        x = self.drop(self.embed_norm(x))
+        out = self.encoder(x, mask=key_mask(attention_mask, causal=False), return_weights=return_weights,
+                           return_hidden=return_hidden)
+        h = out.hidden
+        result = ModelOutput(h, attentions=out.attentions, hidden_states=out.hidden_states)
+        if self.pooler is not None:
+            result.pooled = torch.tanh(self.pooler(h[:, 0]))
+        head = self.config.head
+        if head == "sequence_classification":
+            result.logits = self.classifier(self.drop(result.pooled))
+        elif head == "token_classification":
+            result.logits = self.classifier(self.drop(h))
+        elif head == "question_answering":
+            result.logits = self.classifier(h)
+            result.start_logits, result.end_logits = (t.squeeze(-1) for t in result.logits.split(1, dim=-1))
+        return result
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Sentence vectors (B, C) from hidden states (B, T, C), as the config's pooling says."""
+        mode = self.config.pooling
+        if mode == "cls":
+            v = hidden[:, 0]
+        else:
+            m = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
+            m = m.to(hidden.dtype)[..., None]
+            if mode == "max":
+                v = hidden.masked_fill(m == 0, float("-inf")).amax(1)
+            else:
+                total, n = (hidden * m).sum(1), m.sum(1).clamp(min=1e-9)
+                v = total / (n.sqrt() if mode == "mean_sqrt_len" else n)
+        return F.normalize(v, dim=-1) if self.config.normalize else v
+
+    @torch.no_grad()
+    def embed(self, texts: str | Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Sentence embeddings (N, C) for texts (a str gives (C,)), in input order.
+
+        Texts are sorted by length and batched, so padding stays small.
+        """
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        tok = self._require_tokenizer("embed()")
+        out = torch.empty(len(items), self.config.dim)
+        for idx, batch in tok.length_batches(items, batch_size, self.config.max_length, self.device):
+            h = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).last_hidden_state
+            out[idx] = self.pool(h, batch["attention_mask"]).float().cpu()
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def classify(self, texts: str | Sequence[str], batch_size: int = 64) -> list[dict]:
+        """Predicted label and class probabilities for each text (sequence-classification head)."""
+        if self.config.head != "sequence_classification":
+            raise ValueError(f"classify() needs head='sequence_classification'; this model has head={self.config.head!r}")
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        tok = self._require_tokenizer("classify()")
+        probs = torch.empty(len(items), self.config.num_labels)
+        for idx, batch in tok.length_batches(items, batch_size, self.config.max_length, self.device):
+            logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits
+            probs[idx] = logits.float().softmax(-1).cpu()
+        names = self.config.labels or [str(i) for i in range(self.config.num_labels)]
+        result = [{"label": names[int(p.argmax())], "score": float(p.max()),
+                   "scores": {n: float(x) for n, x in zip(names, p)}} for p in probs]
+        return result[0] if single else result

