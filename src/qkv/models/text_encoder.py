@@ -122,7 +122,7 @@ class TextEncoder(Model):
         return F.normalize(v, dim=-1) if self.config.normalize else v
 
     @torch.no_grad()
-    def embed(self, texts: str | Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Sentence embeddings (N, C) for texts (a str gives (C,)), in input order.
 
         Texts are sorted by length and batched, so padding stays small.
@@ -137,7 +137,7 @@ class TextEncoder(Model):
         return out[0] if single else out
 
     @torch.no_grad()
-    def classify(self, texts: str | Sequence[str], batch_size: int = 64) -> list[dict]:
+    def classify(self, texts: str | Sequence[str], batch_size: int = 32) -> list[dict]:
         """Predicted label and class probabilities for each text (sequence-classification head)."""
         if self.config.head != "sequence_classification":
             raise ValueError(f"classify() needs head='sequence_classification'; this model has head={self.config.head!r}")
