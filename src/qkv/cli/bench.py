@@ -142,17 +142,22 @@ def make_fn(case: Case, impl: str) -> Callable[[], object]:
     raise ValueError(f"case {case.name!r} has no baseline")
 
 
-def time_pair(case: Case, repeat: int) -> dict:
-    """Median seconds of baseline and qkv, interleaved; compile/warm-up runs excluded."""
-    fq, fb = make_fn(case, "qkv"), make_fn(case, "baseline")
-    fb(), fq()  # warm-up (compiles FlexAttention)
+def interleaved(fq: Callable, fb: Callable, repeat: int) -> tuple[float, float]:
+    """Median seconds of ``fq`` and ``fb`` run alternately (order swapped every round), so load drift hits both."""
     tq, tb = [], []
     for i in range(repeat):
         for f, acc in ((fb, tb), (fq, tq)) if i % 2 == 0 else ((fq, tq), (fb, tb)):
             t0 = time.perf_counter()
             f()
             acc.append(time.perf_counter() - t0)
-    mq, mb = statistics.median(tq), statistics.median(tb)
+    return statistics.median(tq), statistics.median(tb)
+
+
+def time_pair(case: Case, repeat: int) -> dict:
+    """Median seconds of baseline and qkv, interleaved; compile/warm-up runs excluded."""
+    fq, fb = make_fn(case, "qkv"), make_fn(case, "baseline")
+    fb(), fq()  # warm-up (compiles FlexAttention)
+    mq, mb = interleaved(fq, fb, repeat)
     return {"case": case.name, "baseline": case.baseline, "qkv_s": mq, "baseline_s": mb, "speedup": mb / mq}
 
 

@@ -13,14 +13,14 @@ Each ratio is ``reference time / qkv time`` from interleaved runs.
 from __future__ import annotations
 
 import random
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 
 import qkv
+
+from .bench import _render, interleaved
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there one all we their its been has more if would will when so no who can said "
@@ -31,16 +31,6 @@ def sentences(n: int = 1000, seed: int = 0) -> list[str]:
     """Deterministic sentences with log-uniform lengths between 3 and 180 words."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(int(2 ** rng.uniform(1.6, 7.5)))) for _ in range(n)]
-
-
-def _interleaved(fq: Callable, fr: Callable, repeat: int) -> tuple[float, float]:
-    tq, tr = [], []
-    for i in range(repeat):
-        for f, acc in ((fr, tr), (fq, tq)) if i % 2 == 0 else ((fq, tq), (fr, tr)):
-            t0 = time.perf_counter()
-            f()
-            acc.append(time.perf_counter() - t0)
-    return statistics.median(tq), statistics.median(tr)
 
 
 def bench_embeddings(repeat: int = 3, n: int = 1000) -> dict:
@@ -54,7 +44,7 @@ def bench_embeddings(repeat: int = 3, n: int = 1000) -> dict:
     ours.embed(texts[:64]), ref.encode(texts[:64])  # warm-up
     a, b = ours.embed(texts), torch.from_numpy(ref.encode(texts))
     cos = float(torch.nn.functional.cosine_similarity(a, b).min())
-    tq, tr = _interleaved(lambda: ours.embed(texts), lambda: ref.encode(texts), repeat)
+    tq, tr = interleaved(lambda: ours.embed(texts), lambda: ref.encode(texts), repeat)
     return {"case": f"all-MiniLM-L6-v2 embeddings, {n} sentences", "baseline": "sentence-transformers encode",
             "qkv_s": tq, "baseline_s": tr, "speedup": tr / tq, "qkv_per_s": n / tq, "baseline_per_s": n / tr,
             "unit": "sentences/s", "check": f"min cosine {cos:.7f}"}
@@ -87,7 +77,7 @@ def bench_decoding(repeat: int = 3, prompt: int = 32, new: int = 128) -> list[di
                 return hf.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
 
         same = torch.equal(run_ours(), run_ref())
-        tq, tr = _interleaved(run_ours, run_ref, repeat)
+        tq, tr = interleaved(run_ours, run_ref, repeat)
         rows.append({"case": f"{name}: greedy {new} tokens after {prompt}", "baseline": "transformers generate",
                      "qkv_s": tq, "baseline_s": tr, "speedup": tr / tq, "qkv_per_s": new / tq,
                      "baseline_per_s": new / tr, "unit": "tokens/s", "check": f"identical tokens: {same}"})
@@ -105,8 +95,6 @@ def run(repeat: int = 3, progress: Callable[[str], None] | None = None) -> dict:
 
 
 def format_table(result: dict, markdown: bool = False) -> str:
-    from .bench import _render
-
     rows = [("case", "baseline", "baseline", "qkv", "speedup", "check")]
     for r in result["speed"]:
         rows.append((r["case"], r["baseline"], f"{r['baseline_per_s']:.1f} {r['unit']}",

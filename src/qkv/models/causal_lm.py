@@ -10,7 +10,7 @@ from torch import nn
 
 from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RotaryEmbedding, TransformerEncoder
 from ._base import Model, ModelOutput, key_mask, positions_from_mask, step_mask
-from .generation import GenerationConfig, decode
+from .generation import decode, finish, prepare
 
 
 @dataclass
@@ -104,17 +104,11 @@ class CausalLM(Model):
         ``attention_mask``, or text (needs a tokenizer); returns ids (B, T + n), or text for text.
         Stops at ``eos_token_id`` (default: the config's) or after ``max_new_tokens``.
         """
-        texts, single = None, isinstance(input_ids, str)
-        if isinstance(input_ids, str) or (isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], str)):
-            texts = [input_ids] if isinstance(input_ids, str) else list(input_ids)
-            enc = self._require_tokenizer("generate() on text").encode_batch(texts, padding_side="left",
-                                                                            device=self.device)
-            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        input_ids, attention_mask, texts, single, gen = prepare(
+            self, input_ids, attention_mask, "left", max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, seed=seed)
         c = self.config
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed,
-                               eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
-                               pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -129,8 +123,4 @@ class CausalLM(Model):
             return self(tok[:, None], state["mask"], state["pos"], cache=cache).logits[:, -1]
 
         new = decode(step, logits, gen)
-        ids = torch.cat([input_ids, new], dim=1)
-        if texts is None:
-            return ids
-        decoded = [self.tokenizer.decode(row.tolist()) for row in new]
-        return decoded[0] if single else decoded
+        return finish(self, torch.cat([input_ids, new], dim=1), new, texts, single)

@@ -83,3 +83,28 @@ def decode(step: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, c
     if not out:
         return torch.empty(B, 0, dtype=torch.long, device=device)
     return torch.stack(out, dim=1)
+
+
+def prepare(model, input_ids, attention_mask, padding_side: str, **options):
+    """Shared start of ``generate``: text prompts are tokenized (needs ``model.tokenizer``); options and the
+    config's stop/pad tokens become a `GenerationConfig`. Returns (ids, mask, texts or None, single, config)."""
+    texts, single = None, isinstance(input_ids, str)
+    if single or (isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], str)):
+        texts = [input_ids] if single else list(input_ids)
+        enc = model._require_tokenizer("generate() on text").encode_batch(texts, padding_side=padding_side,
+                                                                         device=model.device)
+        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    c = model.config
+    if options.get("eos_token_id") is None:
+        options["eos_token_id"] = c.eos_token_id
+    if options.get("pad_token_id") is None:
+        options["pad_token_id"] = c.pad_token_id
+    return input_ids, attention_mask, texts, single, GenerationConfig(**options)
+
+
+def finish(model, ids: torch.Tensor, new: torch.Tensor, texts, single: bool):
+    """Ids as they are, or the new tokens decoded to text when the prompts were text."""
+    if texts is None:
+        return ids
+    decoded = [model.tokenizer.decode(row.tolist()) for row in new]
+    return decoded[0] if single else decoded

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RelativePositionBias, TransformerDecoder, TransformerEncoder
 from ._base import Model, ModelOutput, key_mask, step_mask
-from .generation import GenerationConfig, decode
+from .generation import decode, finish, prepare
 
 
 @dataclass
@@ -155,16 +155,11 @@ class Seq2Seq(Model):
                  pad_token_id: int | None = None, seed: int | None = None):
         """Encode the inputs once, then decode from ``decoder_start_token_id`` with a KV cache.
         Returns decoder ids (B, 1 + n) starting with the start token, or text for text inputs."""
-        texts, single = None, isinstance(input_ids, str)
-        if single or (isinstance(input_ids, Sequence) and input_ids and isinstance(input_ids[0], str)):
-            texts = [input_ids] if single else list(input_ids)
-            enc = self._require_tokenizer("generate() on text").encode_batch(texts, device=self.device)
-            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        input_ids, attention_mask, texts, single, gen = prepare(
+            self, input_ids, attention_mask, "right", max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id, seed=seed)
         c = self.config
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed,
-                               eos_token_id=c.eos_token_id if eos_token_id is None else eos_token_id,
-                               pad_token_id=c.pad_token_id if pad_token_id is None else pad_token_id)
         B = input_ids.shape[0]
         encoded = self.encode(input_ids, attention_mask)
         cache = KVCache(len(self.decoder.layers), capacity=max_new_tokens + 1)
@@ -175,8 +170,4 @@ class Seq2Seq(Model):
                         cache=cache).logits[:, -1]
 
         new = decode(step, step(first[:, 0]), gen)
-        ids = torch.cat([first, new], dim=1)
-        if texts is None:
-            return ids
-        decoded = [self.tokenizer.decode(row.tolist()) for row in new]
-        return decoded[0] if single else decoded
+        return finish(self, torch.cat([first, new], dim=1), new, texts, single)

@@ -121,19 +121,25 @@ class TextEncoder(Model):
                 v = total / (n.sqrt() if mode == "mean_sqrt_len" else n)
         return F.normalize(v, dim=-1) if self.config.normalize else v
 
+    def _over_batches(self, texts, batch_size: int, what: str, width: int, fn) -> tuple[torch.Tensor, bool]:
+        """Run ``fn(output, batch) -> (b, width)`` over length-sorted batches; rows back in input order."""
+        single = isinstance(texts, str)
+        items = [texts] if single else list(texts)
+        tok = self._require_tokenizer(what)
+        out = torch.empty(len(items), width)
+        for idx, batch in tok.length_batches(items, batch_size, self.config.max_length, self.device):
+            result = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            out[idx] = fn(result, batch).float().cpu()
+        return out, single
+
     @torch.no_grad()
     def embed(self, texts: str | Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Sentence embeddings (N, C) for texts (a str gives (C,)), in input order.
 
         Texts are sorted by length and batched, so padding stays small.
         """
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        tok = self._require_tokenizer("embed()")
-        out = torch.empty(len(items), self.config.dim)
-        for idx, batch in tok.length_batches(items, batch_size, self.config.max_length, self.device):
-            h = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).last_hidden_state
-            out[idx] = self.pool(h, batch["attention_mask"]).float().cpu()
+        out, single = self._over_batches(texts, batch_size, "embed()", self.config.dim,
+                                         lambda r, b: self.pool(r.last_hidden_state, b["attention_mask"]))
         return out[0] if single else out
 
     @torch.no_grad()
@@ -141,13 +147,8 @@ class TextEncoder(Model):
         """Predicted label and class probabilities for each text (sequence-classification head)."""
         if self.config.head != "sequence_classification":
             raise ValueError(f"classify() needs head='sequence_classification'; this model has head={self.config.head!r}")
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        tok = self._require_tokenizer("classify()")
-        probs = torch.empty(len(items), self.config.num_labels)
-        for idx, batch in tok.length_batches(items, batch_size, self.config.max_length, self.device):
-            logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits
-            probs[idx] = logits.float().softmax(-1).cpu()
+        probs, single = self._over_batches(texts, batch_size, "classify()", self.config.num_labels,
+                                           lambda r, b: r.logits.float().softmax(-1))
         names = self.config.labels or [str(i) for i in range(self.config.num_labels)]
         result = [{"label": names[int(p.argmax())], "score": float(p.max()),
                    "scores": {n: float(x) for n, x in zip(names, p)}} for p in probs]
