@@ -8,7 +8,11 @@ FlexAttention is inference-only and cannot return the log-sum-exp.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -77,8 +81,16 @@ def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_w
                 score = score + bias4[b, h, q_idx, kv_idx].to(score.dtype)
             return score
 
-    result = compiled_flex_attention()(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale,
-                       enable_gqa=Hq != k.shape[1], return_lse=return_lse)
+    kwargs = dict(score_mod=mod, block_mask=block_mask, scale=scale, enable_gqa=Hq != k.shape[1], return_lse=return_lse)
+    try:
+        result = compiled_flex_attention()(q, k, v, **kwargs)
+    except Exception as e:  # noqa: BLE001 - compiler failures only; anything else is re-raised
+        if not type(e).__module__.startswith("torch._"):
+            raise
+        # Some captured tensors in mask/score functions do not lower on every device (e.g. CPU);
+        # FlexAttention's uncompiled path computes the same result, slowly.
+        log.warning("compiled FlexAttention failed (%s); using its uncompiled path for this call", type(e).__name__)
+        result = flex_attention(q, k, v, **kwargs)
     if return_lse:
         out, lse = result
         return out, None, lse
