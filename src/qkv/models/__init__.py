@@ -4,6 +4,7 @@
   classification, question-answering heads and sentence embeddings.
 - `CausalLM` / `CausalLMConfig`: GPT-2 and Llama architectures.
 - `Seq2Seq` / `Seq2SeqConfig`: T5 and BART.
+- `VisionTransformer` / `ViTConfig`: ViT, with an image-classification head.
 """
 
 from ._base import Model, ModelOutput
@@ -11,6 +12,7 @@ from .causal_lm import CausalLM, CausalLMConfig
 from .generation import GenerationConfig
 from .seq2seq import Seq2Seq, Seq2SeqConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
+from .vision import ViTConfig, VisionTransformer
 
 __all__ = ["Model", "ModelOutput", "GenerationConfig", "TextEncoder", "TextEncoderConfig", "CausalLM",
-           "CausalLMConfig", "Seq2Seq", "Seq2SeqConfig"]
+           "CausalLMConfig", "Seq2Seq", "Seq2SeqConfig", "VisionTransformer", "ViTConfig"]

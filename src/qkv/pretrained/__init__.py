@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from ..convert import ConversionError, check_complete, huggingface
-from ..models import CausalLM, Seq2Seq, TextEncoder
+from ..models import CausalLM, Seq2Seq, TextEncoder, VisionTransformer
 from .tokenizer import Tokenizer
 
-FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq}
+FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "vision": VisionTransformer}
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,9 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
     family, config = huggingface.config_from_hf(hf, set(sd))
     if family == "text_encoder":
         config = _sentence_transformers(folder, config)
+    if family == "vision" and (folder / "preprocessor_config.json").exists():
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        config = huggingface.vit_config(hf, set(sd), processor)
     model = FAMILIES[family](config)
     converted = huggingface.convert(hf["model_type"], sd, config)
     target = model.state_dict()
