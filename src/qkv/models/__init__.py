@@ -5,6 +5,7 @@
 - `CausalLM` / `CausalLMConfig`: GPT-2 and Llama architectures.
 - `Seq2Seq` / `Seq2SeqConfig`: T5 and BART.
 - `VisionTransformer` / `ViTConfig`: ViT, with an image-classification head.
+- `SpeechRecognizer` / `WhisperConfig`: Whisper speech recognition.
 """
 
 from ._base import Model, ModelOutput
@@ -12,7 +13,9 @@ from .causal_lm import CausalLM, CausalLMConfig
 from .generation import GenerationConfig
 from .seq2seq import Seq2Seq, Seq2SeqConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
+from .speech import SpeechRecognizer, WhisperConfig
 from .vision import ViTConfig, VisionTransformer
 
 __all__ = ["Model", "ModelOutput", "GenerationConfig", "TextEncoder", "TextEncoderConfig", "CausalLM",
-           "CausalLMConfig", "Seq2Seq", "Seq2SeqConfig", "VisionTransformer", "ViTConfig"]
+           "CausalLMConfig", "Seq2Seq", "Seq2SeqConfig", "VisionTransformer", "ViTConfig",
+           "SpeechRecognizer", "WhisperConfig"]

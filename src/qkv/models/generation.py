@@ -25,6 +25,8 @@ class GenerationConfig:
     eos_token_id: int | Sequence[int] | None = None  # stop tokens
     pad_token_id: int | None = None  # written after a sequence stops; defaults to the first stop token
     seed: int | None = None  # sampling seed (None: torch's global generator)
+    suppress_tokens: Sequence[int] = ()  # never generated
+    begin_suppress_tokens: Sequence[int] = ()  # not generated as the first new token
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -42,8 +44,13 @@ class GenerationConfig:
         return [] if e is None else [int(e)] if isinstance(e, int) else [int(x) for x in e]
 
 
-def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Choose one token per row of logits (B, V)."""
+def next_token(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None,
+               first: bool = False) -> torch.Tensor:
+    """Choose one token per row of logits (B, V); ``first``: the first new token (begin suppression applies)."""
+    banned = list(cfg.suppress_tokens) + (list(cfg.begin_suppress_tokens) if first else [])
+    if banned:
+        logits = logits.clone()
+        logits[:, banned] = float("-inf")
     if not cfg.do_sample:
         return logits.argmax(-1)
     scores = logits.float() / cfg.temperature
@@ -71,7 +78,7 @@ def decode(step: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, c
     running = torch.ones(B, dtype=torch.bool, device=device)
     out = []
     for i in range(cfg.max_new_tokens):
-        tok = next_token(logits, cfg, generator)
+        tok = next_token(logits, cfg, generator, first=i == 0)
         tok = torch.where(running, tok, pad)
         out.append(tok)
         if stops.numel():

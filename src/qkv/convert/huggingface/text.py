@@ -1,9 +1,4 @@
-"""Hugging Face checkpoints -> qkv: configs (``config.json`` dicts) and pure state-dict converters.
-
-One function per architecture, each an explicit key map: every checkpoint key
-is used or deliberately ignored (buffers, tied duplicates), every model key is
-filled, or `ConversionError` names the keys.
-"""
+"""Hugging Face text checkpoints: BERT (and its task heads), GPT-2, Llama, T5, BART."""
 
 from __future__ import annotations
 
@@ -12,62 +7,9 @@ from collections.abc import Mapping
 
 import torch
 
-from ..models import CausalLMConfig, Seq2SeqConfig, TextEncoderConfig, ViTConfig
-from ._keymap import ConversionError, KeyMap
-
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-               "silu": "silu", "swish": "silu", "gelu_fast": "gelu_tanh"}
-TEXT_HEADS = {
-    "ForSequenceClassification": "sequence_classification",
-    "ForTokenClassification": "token_classification",
-    "ForQuestionAnswering": "question_answering",
-}
-
-
-def _activation(name: str) -> str:
-    if name not in ACTIVATIONS:
-        raise ConversionError(f"activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def _first(*values):
-    """The first value that is not None."""
-    return next(v for v in values if v is not None)
-
-
-def _arch(cfg: Mapping) -> str:
-    archs = cfg.get("architectures") or []
-    return archs[0] if archs else ""
-
-
-def _labels(cfg: Mapping) -> tuple[int, list[str] | None]:
-    id2label = cfg.get("id2label")
-    if id2label:
-        names = [id2label[k] for k in sorted(id2label, key=int)]
-        return len(names), names
-    n = cfg.get("num_labels", 2)
-    return n, None
-
-
-# -- configs -------------------------------------------------------------------------------------
-
-
-def config_from_hf(cfg: Mapping, keys: set[str] = frozenset()):
-    """(family, qkv config) for a ``config.json`` dict; ``keys`` are the checkpoint's tensor names."""
-    kind = cfg.get("model_type")
-    if kind == "bert":
-        return "text_encoder", bert_config(cfg, keys)
-    if kind in ("gpt2", "llama"):
-        return "causal_lm", (gpt2_config if kind == "gpt2" else llama_config)(cfg)
-    if kind in ("t5", "bart"):
-        return "seq2seq", (t5_config if kind == "t5" else bart_config)(cfg)
-    if kind == "vit":
-        return "vision", vit_config(cfg, keys)
-    if kind == "whisper":
-        from .whisper import whisper_config
-
-        return "speech", whisper_config(cfg)
-    raise ConversionError(f"model_type {kind!r} is not supported; supported: {sorted(CONVERTERS)}")
+from ...models import CausalLMConfig, Seq2SeqConfig, TextEncoderConfig
+from .._keymap import ConversionError, KeyMap
+from ._common import TEXT_HEADS, _activation, _arch, _first, _labels, _no_leftovers, _prefix
 
 
 def bert_config(cfg: Mapping, keys: set[str] = frozenset()) -> TextEncoderConfig:
@@ -165,39 +107,6 @@ def bart_config(cfg: Mapping) -> Seq2SeqConfig:
     )
 
 
-def vit_config(cfg: Mapping, keys: set[str] = frozenset(), processor: Mapping | None = None) -> ViTConfig:
-    """ViTModel / ViTForImageClassification; ``processor`` is preprocessor_config.json, if any."""
-    head = _arch(cfg).endswith("ForImageClassification")
-    n_labels, labels = _labels(cfg)
-    proc = dict(processor or {})
-    filters = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
-    extra = {}
-    if "image_mean" in proc:
-        extra["image_mean"] = list(proc["image_mean"])
-    if "image_std" in proc:
-        extra["image_std"] = list(proc["image_std"])
-    if "resample" in proc:
-        extra["resample"] = filters.get(proc["resample"], "bilinear")
-    return ViTConfig(
-        image_size=cfg.get("image_size", 224), patch_size=cfg.get("patch_size", 16),
-        channels=cfg.get("num_channels", 3), dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"], ffn_dim=cfg["intermediate_size"],
-        activation=_activation(cfg.get("hidden_act", "gelu")), norm_eps=cfg.get("layer_norm_eps", 1e-12),
-        qkv_bias=cfg.get("qkv_bias", True), pooler=any(k.endswith("pooler.dense.weight") for k in keys),
-        num_labels=n_labels if head else 0, labels=labels if head else None, **extra,
-    )
-
-
-# -- state dicts ---------------------------------------------------------------------------------
-
-
-def _prefix(sd: Mapping[str, torch.Tensor], probe: str, candidates: tuple[str, ...]) -> str:
-    for p in candidates:
-        if p + probe in sd:
-            return p
-    raise ConversionError(f"checkpoint has no {probe!r} under any of the prefixes {candidates}")
-
-
 def bert(sd: Mapping[str, torch.Tensor], config: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """BertModel / BertFor{SequenceClassification,TokenClassification,QuestionAnswering} -> TextEncoder."""
     p = _prefix(sd, "embeddings.word_embeddings.weight", ("", "bert."))
@@ -228,14 +137,6 @@ def bert(sd: Mapping[str, torch.Tensor], config: TextEncoderConfig) -> dict[str,
         head.copy("classifier.bias", f"{name}.bias")
     _no_leftovers(sd, km, head)
     return {**km.out, **head.out}
-
-
-def _no_leftovers(sd, *maps: KeyMap) -> None:
-    used = set().union(*(m.used for m in maps))
-    ignored = [p for m in maps for p in m.ignored]
-    left = sorted(k for k in sd if k not in used and not any(p.fullmatch(k) for p in ignored))
-    if left:
-        raise ConversionError(f"checkpoint keys not used by the conversion: {left[:10]}")
 
 
 def _causal_head(km: KeyMap, sd, config: CausalLMConfig, embed_key: str, head_key: str, out: dict) -> None:
@@ -389,45 +290,3 @@ def bart(sd: Mapping[str, torch.Tensor], config: Seq2SeqConfig) -> dict[str, tor
     bias = sd.get("final_logits_bias")
     out["logits_bias"] = bias.reshape(-1) if bias is not None else torch.zeros(config.vocab_size)
     return out
-
-
-def vit(sd: Mapping[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
-    """ViTModel / ViTForImageClassification -> VisionTransformer."""
-    p = _prefix(sd, "embeddings.cls_token", ("", "vit."))
-    km = KeyMap(sd, p)
-    km.ignore(r".*mask_token")
-    km.copy("cls", "embeddings.cls_token")
-    km.copy("pos", "embeddings.position_embeddings")
-    km.copy("patch.weight", "embeddings.patch_embeddings.projection.weight")
-    km.copy("patch.bias", "embeddings.patch_embeddings.projection.bias")
-    ws = ("weight", "bias") if config.qkv_bias else ("weight",)
-    for i in range(config.n_layers):
-        s, t = f"encoder.layer.{i}.", f"encoder.layers.{i}."
-        for w in ws:
-            km.cat(t + f"attn.qkv.{w}", [s + f"attention.attention.{n}.{w}" for n in ("query", "key", "value")])
-        for w in ("weight", "bias"):
-            km.copy(t + f"attn.o.{w}", s + f"attention.output.dense.{w}")
-            km.copy(t + f"ffn.up.{w}", s + f"intermediate.dense.{w}")
-            km.copy(t + f"ffn.down.{w}", s + f"output.dense.{w}")
-            km.copy(t + f"attn_norm.{w}", s + f"layernorm_before.{w}")
-            km.copy(t + f"ffn_norm.{w}", s + f"layernorm_after.{w}")
-    for w in ("weight", "bias"):
-        km.copy(f"encoder.norm.{w}", f"layernorm.{w}")
-        if config.pooler:
-            km.copy(f"pooler.{w}", f"pooler.dense.{w}")
-    head = KeyMap(sd)
-    if config.num_labels:
-        head.copy("classifier.weight", "classifier.weight")
-        head.copy("classifier.bias", "classifier.bias")
-    _no_leftovers(sd, km, head)
-    return {**km.out, **head.out}
-
-
-CONVERTERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "vit": vit}
-
-
-def convert(model_type: str, sd: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
-    """Convert a Hugging Face state dict of ``model_type`` for a qkv model built from ``config``."""
-    if model_type not in CONVERTERS:
-        raise ConversionError(f"model_type {model_type!r} is not supported; supported: {sorted(CONVERTERS)}")
-    return CONVERTERS[model_type](sd, config)

@@ -1,0 +1,165 @@
+"""CTranslate2 checkpoints -> qkv: the ``model.bin`` reader and the Whisper converter.
+
+``model.bin`` is a little-endian table: a version (uint32), the spec name and
+revision, then for each variable its name, rank, dims, dtype code and raw
+bytes, then aliases (name -> variable). Strings are uint16-length-prefixed and
+NUL-terminated. Nothing is executed while reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models import WhisperConfig
+from ._keymap import ConversionError, KeyMap
+
+# CTranslate2's DataType codes
+_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+_BF16 = 5
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.off = data, 0
+
+    def take(self, fmt: str):
+        value = struct.unpack_from("<" + fmt, self.data, self.off)
+        self.off += struct.calcsize("<" + fmt)
+        return value[0] if len(value) == 1 else value
+
+    def string(self) -> str:
+        n = self.take("H")
+        raw = self.data[self.off : self.off + n]
+        self.off += n
+        return raw.rstrip(b"\0").decode("utf-8")
+
+    def raw(self, n: int) -> bytes:
+        out = self.data[self.off : self.off + n]
+        if len(out) != n:
+            raise ConversionError(f"model.bin ends early: wanted {n} bytes at offset {self.off}")
+        self.off += n
+        return out
+
+
+def read_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(spec name, {variable name: tensor}) of a CTranslate2 ``model.bin``; aliases resolved, scalars as 0-d tensors."""
+    r = _Reader(Path(path).read_bytes())
+    version = r.take("I")
+    if version < 5:
+        raise ConversionError(f"model.bin format version {version} is too old (need >= 5)")
+    spec = r.string()
+    r.take("I")  # spec revision
+    out: dict[str, torch.Tensor] = {}
+    for _ in range(r.take("I")):
+        name = r.string()
+        rank = r.take("B")
+        dims = [r.take("I") for _ in range(rank)]
+        code = r.take("B")
+        nbytes = r.take("I")
+        raw = r.raw(nbytes)
+        if code == _BF16:
+            t = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16)
+        elif code in _DTYPES:
+            t = torch.from_numpy(np.frombuffer(raw, dtype=_DTYPES[code]).copy())
+        else:
+            raise ConversionError(f"model.bin variable {name!r} has unknown dtype code {code}")
+        out[name] = t.reshape(dims)
+    for _ in range(r.take("I")):
+        alias, target = r.string(), r.string()
+        out[alias] = out[target]
+    return spec, out
+
+
+def _token_id(vocab: Mapping[str, int], token: str) -> int | None:
+    return vocab.get(token)
+
+
+def whisper_config(variables: Mapping[str, torch.Tensor], config: Mapping, vocab: Mapping[str, int]) -> WhisperConfig:
+    """WhisperConfig from the variables' shapes and scalars, ``config.json`` and the tokenizer vocabulary."""
+    def layers(side: str) -> int:
+        return len({m.group(1) for k in variables if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+
+    emb = variables["decoder/embeddings/weight"]
+    heads = int(variables["encoder/num_heads"])
+    dim = emb.shape[1]
+    if int(variables.get("decoder/num_heads", heads)) != heads:
+        raise ConversionError("CTranslate2 Whisper with different encoder and decoder head counts is not supported")
+    start = _token_id(vocab, "<|startoftranscript|>")
+    eot = _token_id(vocab, "<|endoftext|>")
+    if start is None or eot is None:
+        raise ConversionError("tokenizer has no <|startoftranscript|> / <|endoftext|>: not a Whisper tokenizer")
+    return WhisperConfig(
+        vocab_size=emb.shape[0], dim=dim, n_layers=layers("encoder"), n_decoder_layers=layers("decoder"),
+        n_heads=heads, head_dim=dim // heads, ffn_dim=variables["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        max_positions=variables["decoder/position_encodings/encodings"].shape[0],
+        n_mels=variables["encoder/conv1/weight"].shape[1],
+        audio_positions=variables["encoder/position_encodings/encodings"].shape[0],
+        decoder_start_token_id=start, eos_token_id=eot, pad_token_id=eot,
+        no_timestamps_token_id=_token_id(vocab, "<|notimestamps|>"),
+        suppress_tokens=list(config.get("suppress_ids", [])),
+        begin_suppress_tokens=list(config.get("suppress_ids_begin", [220, eot])),
+    )
+
+
+def _linear(km: KeyMap, target: str, source: str) -> None:
+    km.put(target + ".weight", km.get(source + "/weight").float())
+    km.put(target + ".bias", km.get(source + "/bias").float())
+
+
+def _norm(km: KeyMap, target: str, source: str) -> None:
+    km.put(target + ".weight", km.get(source + "/gamma").float())
+    km.put(target + ".bias", km.get(source + "/beta").float())
+
+
+def whisper(variables: Mapping[str, torch.Tensor], config: WhisperConfig) -> dict[str, torch.Tensor]:
+    """CTranslate2 WhisperSpec variables -> SpeechRecognizer state dict (weights as float32)."""
+    km = KeyMap(variables)
+    km.ignore(r"(en|de)coder/num_heads", r"decoder/(activation|alibi|alignment_heads|alignment_layer|pre_norm|"
+              r"scale_embeddings|start_from_zero_embedding)", r"decoder/projection/weight")
+    for name in ("conv1", "conv2"):
+        _linear(km, f"enc_side.{name}", f"encoder/{name}")
+    km.put("enc_side.pos", km.get("encoder/position_encodings/encodings").float())
+    km.put("tokens.weight", km.get("decoder/embeddings/weight").float())
+    km.put("dec_side.pos.weight", km.get("decoder/position_encodings/encodings").float())
+    _norm(km, "encoder.norm", "encoder/layer_norm")
+    _norm(km, "decoder.norm", "decoder/layer_norm")
+    for side, n in (("encoder", config.n_layers), ("decoder", config.n_decoder_layers or config.n_layers)):
+        for i in range(n):
+            s, t = f"{side}/layer_{i}/", f"{side}.layers.{i}."
+            _linear(km, t + "attn.qkv", s + "self_attention/linear_0")  # fused q, k, v (k bias zero)
+            _linear(km, t + "attn.o", s + "self_attention/linear_1")
+            _norm(km, t + "attn_norm", s + "self_attention/layer_norm")
+            if side == "decoder":
+                _linear(km, t + "cross.q", s + "attention/linear_0")
+                _linear(km, t + "cross.kv", s + "attention/linear_1")  # fused k, v
+                _linear(km, t + "cross.o", s + "attention/linear_2")
+                _norm(km, t + "cross_norm", s + "attention/layer_norm")
+            _linear(km, t + "ffn.up", s + "ffn/linear_0")
+            _linear(km, t + "ffn.down", s + "ffn/linear_1")
+            _norm(km, t + "ffn_norm", s + "ffn/layer_norm")
+    out = km.result()
+    out["lm_head.weight"] = out["tokens.weight"]
+    return out
+
+
+def load_folder(folder: Path):
+    """(family, config, state dict) of a CTranslate2 folder: model.bin, config.json, tokenizer.json."""
+    spec, variables = read_model_bin(folder / "model.bin")
+    if spec != "WhisperSpec":
+        raise ConversionError(f"CTranslate2 spec {spec!r} is not supported (only WhisperSpec)")
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.exists():
+        raise ConversionError(f"{folder} has no tokenizer.json, which the Whisper token ids are read from")
+    vocab = json.loads(tok_file.read_text())["model"]["vocab"]
+    for added in json.loads(tok_file.read_text()).get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    config = whisper_config(variables, cfg, vocab)
+    return "speech", config, whisper(variables, config)
