@@ -15,6 +15,7 @@ import torch
 
 from . import backends
 from .backends._chunked import chunked_weights
+from .backends._chunked import stream_weights as _stream_weights
 from .masks._base import Mask, as_mask
 
 
@@ -115,6 +116,21 @@ def attention_weights(
         raise ValueError(f"topk must be an int in [1, Tk={Tk}], got {topk!r}")
     return chunked_weights(q, k, mask=call.mask, score_mod=score_mod, bias=bias4, scale=call.scale,
                            q_pos=q_pos, topk=topk)
+
+
+def stream_weights(q: torch.Tensor, k: torch.Tensor, fn: Callable, *, mask=None, score_mod: Callable | None = None,
+                   bias: torch.Tensor | None = None, scale: float | None = None, q_offset: int | None = None) -> None:
+    """The exact probabilities, tile by tile, for reductions of your own (top-k, head means, sums...).
+
+    Calls ``fn(r0, r1, key_index (W,), p (B, Hq, r1 - r0, W))``: rows ``r0:r1`` attend
+    to keys ``key_index`` with probabilities ``p``; keys not listed get 0. Rows never
+    passed to ``fn`` see no key. Memory O(tile x Tk); arguments as `attention`.
+    """
+    v = k.new_empty(*k.shape[:3], 0) if isinstance(k, torch.Tensor) and k.dim() == 4 else k
+    call = _validate(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
+                     dropout_p=0.0, return_weights=True, return_lse=False)
+    q_pos = torch.arange(q.shape[2], device=q.device) + call.q_offset
+    _stream_weights(q, k, fn, mask=call.mask, score_mod=score_mod, bias=call.bias, scale=call.scale, q_pos=q_pos)
 
 
 def _rows(rows, tq: int, device) -> torch.Tensor:

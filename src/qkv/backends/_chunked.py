@@ -283,19 +283,14 @@ class _Run:
             else:
                 target.index_add_(-1, t.keys, g[3])
 
-    def weights(self, q, k, bias, lse: torch.Tensor | None = None, *, topk: int | None = None):
-        """Exact probabilities per tile: dense (B, Hq, Tq, Tk), or top-k (values, key indices).
+    def stream(self, q, k, bias, lse: torch.Tensor | None, fn) -> None:
+        """Call ``fn(r0, r1, key_positions (W,), p (B, Hq, r1 - r0, W))`` with the exact probabilities of
+        every tile chunk; rows a tile does not list see no key (all-zero rows).
 
         With the forward pass's log-sum-exp the probabilities are ``exp(score - lse)``,
-        a second pass with no reduction; without it each tile normalises itself
-        (it holds every visible key of its rows).
+        a second pass with no reduction; without it each chunk normalises itself
+        (a tile holds every visible key of its rows).
         """
-        B, Hq, Tq = q.shape[:3]
-        if topk is not None:
-            values = q.new_zeros(B, Hq, Tq, topk)
-            index = torch.full((B, Hq, Tq, topk), -1, dtype=torch.long, device=q.device)
-        else:
-            dense = q.new_zeros(B, Hq, Tq, self.plan.tk)
         for i, t in enumerate(self.plan.tiles):
             kpos = t.key_positions(q.device)
             for r0, r1 in self.chunks(t):
@@ -306,16 +301,30 @@ class _Run:
                                mask=self.tile_mask(t, r0, r1), bias=self.tile_bias(bias, t, r0, r1),
                                score_mod=self.score_mod)
                     p = probabilities(s, lse[:, :, r0:r1]).to(q.dtype)
-                if topk is not None:
-                    n = min(topk, t.width)
-                    val, idx = p.topk(n, dim=-1)
-                    values[:, :, r0:r1, :n] = val
-                    index[:, :, r0:r1, :n] = kpos[idx]
-                elif isinstance(t.keys, slice):
-                    dense[:, :, r0:r1, t.keys] = p
-                else:
-                    dense[:, :, r0:r1].index_copy_(3, t.keys, p)
-        return (values, index) if topk is not None else dense
+                fn(r0, r1, kpos, p)
+
+    def weights(self, q, k, bias, lse: torch.Tensor | None = None, *, topk: int | None = None):
+        """Exact probabilities: dense (B, Hq, Tq, Tk), or top-k (values, key indices) per row."""
+        B, Hq, Tq = q.shape[:3]
+        if topk is not None:
+            values = q.new_zeros(B, Hq, Tq, topk)
+            index = torch.full((B, Hq, Tq, topk), -1, dtype=torch.long, device=q.device)
+
+            def keep(r0, r1, kpos, p):
+                n = min(topk, p.shape[-1])
+                val, idx = p.topk(n, dim=-1)
+                values[:, :, r0:r1, :n] = val
+                index[:, :, r0:r1, :n] = kpos[idx]
+
+            self.stream(q, k, bias, lse, keep)
+            return values, index
+        dense = q.new_zeros(B, Hq, Tq, self.plan.tk)
+
+        def write(r0, r1, kpos, p):
+            dense[:, :, r0:r1].index_copy_(3, kpos, p)
+
+        self.stream(q, k, bias, lse, write)
+        return dense
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -351,13 +360,27 @@ def chunked(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, retur
     return out, weights, lse if return_lse else None
 
 
-def chunked_weights(q, k, *, mask, score_mod, bias, scale, q_pos, topk):
-    """Probabilities for query rows at absolute positions `q_pos` (any order), without the full matrix in memory."""
+def _weights_run(q, k, *, mask, score_mod, bias, scale, q_pos) -> _Run:
     B, Hq = q.shape[:2]
     Tk = k.shape[2]
     contiguous = q_pos.numel() == 0 or torch.equal(q_pos, torch.arange(q_pos.numel(), device=q_pos.device) + int(q_pos[0]))
     key = ("rows", int(q_pos[0]), q_pos.numel()) if contiguous and q_pos.numel() else None
     plan = plan_for(mask, q_pos, Tk, B, Hq, cache_key=key)
-    run = _Run(plan, mask, score_mod, scale, q_pos, B, Hq)
+    return _Run(plan, mask, score_mod, scale, q_pos, B, Hq)
+
+
+def chunked_weights(q, k, *, mask, score_mod, bias, scale, q_pos, topk):
+    """Probabilities for query rows at absolute positions `q_pos` (any order), without the full matrix in memory."""
+    run = _weights_run(q, k, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_pos=q_pos)
     with torch.no_grad():
         return run.weights(q, k, bias, topk=topk)
+
+
+def stream_weights(q, k, fn, *, mask, score_mod, bias, scale, q_pos) -> None:
+    """Exact probabilities tile by tile: ``fn(r0, r1, key_positions, p (B, Hq, r1 - r0, W))`` (see `_Run.stream`).
+
+    Arguments as `chunked_weights` (validated by the caller); memory O(tile x Tk).
+    """
+    run = _weights_run(q, k, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_pos=q_pos)
+    with torch.no_grad():
+        run.stream(q, k, bias, None, fn)

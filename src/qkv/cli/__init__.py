@@ -113,6 +113,50 @@ def _cmd_transcribe(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    import time
+
+    from .. import explain as X
+
+    start = time.perf_counter()
+    layer = "rollout" if args.rollout else (None if args.layer is None else int(args.layer))
+    capture = dict(topk=args.topk, full=True if args.full else None)
+    if args.layers:
+        capture["layers"] = [int(x) for x in args.layers.split(",")]
+    if args.image:
+        if not args.model:
+            raise ValueError("--image needs --model: a ViT folder (config.json + model.safetensors)")
+        model = qkv.load(args.model)
+        ex = X.explain_image(model, args.image, name=args.model, **capture)
+    elif args.audio:
+        name = args.model or "whisper-tiny.en"
+        ex = X.explain_audio(qkv.load(name), args.audio, name=name, **capture)
+    else:
+        texts = _texts(args)
+        name = args.model or "all-MiniLM-L6-v2"
+        ex = X.explain_text(qkv.load(name), " ".join(texts), name=name, **capture)
+    if args.html:
+        X.render_html(ex, args.html)
+    if args.png:
+        X.png(ex, args.png, token=args.token, layer=layer, head=args.head)
+    if args.json:
+        data = ex.to_dict(layer=None if layer in (None, "rollout") else layer, head=args.head,
+                          include_rollout=args.rollout)
+        data["seconds"] = round(time.perf_counter() - start, 3)
+        print(json.dumps(data))
+        return 0
+    if ex.kind == "text" and ex.length <= 2048:
+        X.terminal(ex, token=args.token, layer=layer, head=args.head)
+    else:
+        print(f"{ex.model}: {ex.kind}, {ex.length} positions, {len(ex.maps)} layers captured")
+    for note in ex.notes:
+        print(f"note: {note}")
+    for what, path in (("html", args.html), ("png", args.png)):
+        if path:
+            print(f"wrote {what}: {path}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     from dataclasses import asdict
 
@@ -185,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-new-tokens", type=int, default=None, help="tokens per 30 s window (default: as many as fit)")
     tr.add_argument("--json", action="store_true", help="print text and timing per file as JSON")
     tr.set_defaults(func=_cmd_transcribe)
+
+    ex = sub.add_parser("explain", help="where each token, patch or frame attends",
+                        description="Capture a model's attention on one input and show it: terminal light bulbs, "
+                                    "a PNG heatmap, a self-contained HTML page, or JSON.")
+    ex.add_argument("text", nargs="*", help="text to explain")
+    ex.add_argument("--file", help="read the text from a file")
+    ex.add_argument("--model", default=None, help="registered name or model folder (text default: all-MiniLM-L6-v2)")
+    ex.add_argument("--image", help="an image file (with a ViT --model)")
+    ex.add_argument("--audio", help="an audio file (default model: whisper-tiny.en)")
+    ex.add_argument("--layer", default=None, help="layer to show (default: the last)")
+    ex.add_argument("--layers", default=None, help="comma-separated layers to capture (default: all)")
+    ex.add_argument("--head", type=int, default=None, help="head to show (default: the mean of heads)")
+    ex.add_argument("--rollout", action="store_true", help="show attention rollout (Abnar and Zuidema, 2020)")
+    ex.add_argument("--token", default=None, help="the token (text or index) whose attention the terminal/PNG shows")
+    ex.add_argument("--topk", type=int, default=16, help="keys kept per query when inputs are long")
+    ex.add_argument("--full", action="store_true", help="keep full matrices even for long inputs")
+    ex.add_argument("--html", help="write a self-contained HTML page here")
+    ex.add_argument("--png", help="write a PNG heatmap here")
+    ex.add_argument("--json", action="store_true", help="print tokens and weights as JSON")
+    ex.set_defaults(func=_cmd_explain)
 
     inf = sub.add_parser("info", help="describe a model", description="Architecture, size and attention backend of a model.")
     inf.add_argument("model", help="registered name or model folder")

@@ -95,6 +95,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.scale = scale
         self.backend = "auto"
+        # Called as observer(module, q, k, mask=..., bias=..., scale=...) before attention, with the
+        # heads the attention sees (after rotary and cache); qkv.explain uses it to read the weights.
+        self.observer = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T = x.shape[:2]
@@ -139,6 +142,8 @@ class MultiHeadAttention(nn.Module):
                 q, k = rotary(q, k, positions)
             if cache is not None:
                 k, v = cache.append(layer, k, v)
+        if self.observer is not None:
+            self.observer(self, q, k, mask=mask, bias=bias, scale=self.scale)
         p = self.dropout if self.training else 0.0
         result = attention(q, k, v, mask=mask, bias=bias, scale=self.scale, dropout_p=p, backend=self.backend,
                            return_weights=return_weights)

@@ -1,0 +1,164 @@
+"""`Explanation`: what a model attended to for one input (text, image or audio), ready to render."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .aggregate import head_stats, rollout
+from .capture import DEFAULT_TOPK, AttentionMaps, capture
+
+
+@dataclass
+class Explanation:
+    kind: str  # "text", "image" or "audio"
+    tokens: list[str]  # what each position is: token strings, patch names, frame times
+    maps: list[AttentionMaps]  # self-attention per captured layer
+    rollout: torch.Tensor | None = None  # (T, T)
+    model: str = ""
+    n_heads: int = 0
+    grid: tuple[int, int] | None = None  # image: patch rows and columns (position 0 is the class token)
+    image: object = None  # image: the resized PIL image the model saw
+    spectrogram: object = None  # audio: (n_mels, frames) log-mel features the model saw
+    frame_seconds: float = 0.0  # audio: seconds per encoder position
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def layer(self, index: int) -> AttentionMaps:
+        for m in self.maps:
+            if m.layer == index % max(1, self._n_layers()):
+                return m
+        raise ValueError(f"layer {index} was not captured; captured: {[m.layer for m in self.maps]}")
+
+    def _n_layers(self) -> int:
+        return max((m.layer for m in self.maps), default=-1) + 1
+
+    def view(self, layer: int | str | None = None, head: int | None = None, k: int = DEFAULT_TOPK):
+        """Top-``k`` (values, indices) (T, k) per query for a layer's head (``head=None``: head average),
+        or for the rollout (``layer="rollout"``). ``layer=None`` is the last layer."""
+        if layer == "rollout":
+            if self.rollout is None:
+                raise ValueError("no rollout: it needs every layer's head average (inputs up to 8192 positions)")
+            n = min(k, self.rollout.shape[-1])
+            val, idx = self.rollout.topk(n, dim=-1)
+            return val, idx
+        m = self.maps[-1] if layer is None else self.layer(int(layer))
+        return m.topk(head, k)
+
+    def row(self, i: int, layer: int | str | None = None, head: int | None = None) -> torch.Tensor:
+        """Dense attention (T,) of query ``i`` over all keys for one view."""
+        if layer == "rollout":
+            return self.rollout[i]
+        m = self.maps[-1] if layer is None else self.layer(int(layer))
+        if head is None and m.mean is not None:
+            return m.mean[i]
+        if head is not None and m.dense is not None:
+            return m.head(head)[i]
+        val, idx = m.topk(head, 64)
+        out = torch.zeros(m.tk)
+        ok = idx[i] >= 0
+        out[idx[i][ok]] = val[i][ok]
+        return out
+
+    def stats(self) -> list[dict]:
+        return head_stats(self.maps)
+
+    def to_dict(self, layer: int | None = None, head: int | None = None, include_rollout: bool = True) -> dict:
+        """JSON-ready: tokens, and per captured layer the weights of each head (full matrices when
+        captured in full, else top-k values and key indices), filtered by ``layer`` / ``head``."""
+        layers = []
+        for m in self.maps:
+            if layer is not None and m.layer != layer % max(1, self._n_layers()):
+                continue
+            heads = m.heads if head is None else [head % self.n_heads]
+            entry: dict = {"layer": m.layer, "heads": heads}
+            if m.dense is not None:
+                entry["weights"] = [m.head(h).tolist() for h in heads]
+            else:
+                pos = [m.heads.index(h) for h in heads]
+                entry["topk_values"] = [m.top_values[i].tolist() for i in pos]
+                entry["topk_indices"] = [m.top_index[i].tolist() for i in pos]
+            layers.append(entry)
+        out = {"model": self.model, "kind": self.kind, "tokens": self.tokens, "n_heads": self.n_heads,
+               "layers": layers}
+        if include_rollout and self.rollout is not None:
+            out["rollout"] = self.rollout.tolist()
+        if self.notes:
+            out["notes"] = self.notes
+        return out
+
+
+def _finish(kind, tokens, cap, model, name, **extra) -> Explanation:
+    means = [m.mean for m in cap.maps]
+    roll = rollout(means) if means and all(t is not None for t in means) and cap.maps[0].tq == cap.maps[0].tk else None
+    n_heads = next((m.n_heads for m in model.modules() if hasattr(m, "n_heads") and hasattr(m, "is_cross")), 0)
+    return Explanation(kind, tokens, cap.maps, roll, name, n_heads, **extra)
+
+
+def _fallback_ids(text: str, vocab_size: int) -> tuple[list[int], list[str]]:
+    """Whitespace words mapped to ids by a stable hash, for models saved without a tokenizer."""
+    words = text.split()
+    ids = [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") % vocab_size for w in words]
+    return ids, words
+
+
+def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                 full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "") -> Explanation:
+    """Attention of a text model (TextEncoder, CausalLM, or a Seq2Seq encoder) over ``text``."""
+    notes = []
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        enc = tok.encode_batch([text], max_length=getattr(model.config, "max_length", None), device=model.device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        tokens = [tok.tok.id_to_token(i) or "" for i in ids[0].tolist()]
+    else:
+        raw, tokens = _fallback_ids(text, model.config.vocab_size)
+        ids = torch.tensor([raw], device=model.device)
+        mask = torch.ones_like(ids)
+        notes.append("the model has no tokenizer: words were mapped to ids by hash")
+    if not tokens:
+        raise ValueError("the text has no tokens to explain")
+    with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
+        kind = type(model).__name__
+        if kind in ("Seq2Seq", "SpeechRecognizer"):
+            model.encode(ids, mask)
+        elif kind == "TextEncoder":
+            model(ids, mask)
+        else:
+            model(ids, mask, last_only=True)
+    result = _finish("text", tokens, cap, model, name)
+    result.notes += notes
+    return result
+
+
+def explain_image(model, image, *, layers=None, heads=None, full: bool | None = None, topk: int = DEFAULT_TOPK,
+                  name: str = "") -> Explanation:
+    """Attention of a VisionTransformer over one image (path, PIL image or array)."""
+    pixels = model.preprocess([image]).to(model.device)
+    size = model.config.image_size
+    with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
+        model(pixels)
+    g = size // model.config.patch_size
+    tokens = ["[CLS]"] + [f"patch ({r}, {c})" for r in range(g) for c in range(g)]
+    from ..models.vision import _load_image
+
+    shown = _load_image(image).resize((size, size))
+    return _finish("image", tokens, cap, model, name, grid=(g, g), image=shown)
+
+
+def explain_audio(model, audio, sample_rate: int | None = None, *, layers=None, heads=None,
+                  full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "") -> Explanation:
+    """Attention of a SpeechRecognizer's encoder over a clip's 30 s window (1,500 positions of 20 ms)."""
+    feats = model.features(audio, sample_rate)
+    with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
+        model.encode(feats)
+    n = cap.maps[0].tq if cap.maps else 0
+    step = 30.0 / max(n, 1)
+    tokens = [f"{i * step:.2f}s" for i in range(n)]
+    return _finish("audio", tokens, cap, model, name, spectrogram=feats[0].cpu().numpy(), frame_seconds=step)

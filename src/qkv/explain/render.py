@@ -1,0 +1,109 @@
+"""Terminal and PNG views of an `Explanation`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core import Explanation
+
+
+def _label(layer, head) -> str:
+    if layer == "rollout":
+        return "rollout"
+    return f"layer {layer if layer is not None else 'last'} · {'mean of heads' if head is None else f'head {head}'}"
+
+
+def terminal(ex: Explanation, token: int | str | None = None, layer=None, head: int | None = None, console=None) -> int:
+    """Print the tokens shaded by how much ``token`` attends to each ("light bulbs"); returns its index."""
+    from rich.console import Console
+    from rich.text import Text
+
+    i = find_token(ex, token)
+    weights = ex.row(i, layer, head).numpy()
+    top = float(weights.max()) if weights.size else 1.0
+    text = Text()
+    for j, t in enumerate(ex.tokens):
+        a = weights[j] / top if top > 0 else 0.0
+        shade = int(255 - 200 * a)
+        style = f"on rgb(255,{shade},{max(0, shade - 60)})" if a > 0.02 else ""
+        if j == i:
+            style += " bold underline"
+        text.append(t.replace("\u0120", " "), style=style or None)
+        text.append(" ")
+    console = console or Console()
+    console.print(Text(f"{ex.model}: what {ex.tokens[i]!r} (position {i}) attends to, {_label(layer, head)}",
+                       style="bold"))
+    console.print(text)
+    order = np.argsort(-weights)[:5]
+    console.print("top: " + ", ".join(f"{ex.tokens[j]!r} {weights[j]:.3f}" for j in order))
+    return i
+
+
+def find_token(ex: Explanation, token: int | str | None) -> int:
+    """A position from an index or a token text (first match, case-insensitive); default: the first real token."""
+    if token is None:
+        real = [i for i, t in enumerate(ex.tokens) if not (t.startswith(("[", "<")) and t.endswith(("]", ">")))]
+        return real[0] if real else 0
+    if isinstance(token, int) or (isinstance(token, str) and token.lstrip("-").isdigit()):
+        i = int(token)
+        if not -len(ex.tokens) <= i < len(ex.tokens):
+            raise ValueError(f"token index {i} is out of range for {len(ex.tokens)} positions")
+        return i % len(ex.tokens)
+    want = token.lower()
+    for i, t in enumerate(ex.tokens):
+        if t.lower().replace("\u0120", "").lstrip("#") == want:
+            return i
+    raise ValueError(f"no token {token!r} in the input; tokens: {ex.tokens[:40]}")
+
+
+def png(ex: Explanation, path: str | Path, token: int | str | None = None, layer=None, head: int | None = None) -> Path:
+    """A heatmap: token x token for text, a patch map over the image, a frame band over the spectrogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    title = f"{ex.model} · {_label(layer, head)}"
+    if ex.kind == "text":
+        n = ex.length
+        matrix = torch.stack([ex.row(i, layer, head) for i in range(n)]).numpy() if n <= 2048 else None
+        if matrix is None:  # long inputs: the rows of a stride, so the figure stays readable
+            rows = list(range(0, n, max(1, n // 512)))
+            matrix = torch.stack([ex.row(i, layer, head) for i in rows]).numpy()
+        size = min(14, 3 + 0.18 * min(n, 64))
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(matrix, cmap="Oranges", interpolation="nearest", aspect="auto")
+        if n <= 64:
+            labels = [t.replace("\u0120", " ") for t in ex.tokens]
+            ax.set_xticks(range(n), labels, rotation=90, fontsize=8)
+            ax.set_yticks(range(n), labels, fontsize=8)
+        ax.set_xlabel("attends to (key)")
+        ax.set_ylabel("query")
+    elif ex.kind == "image":
+        i = 0 if token is None else find_token(ex, token)
+        w = ex.row(i, layer, head).numpy()[1:].reshape(ex.grid)
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(ex.image)
+        ax.imshow(w, cmap="inferno", alpha=0.55, extent=(0, ex.image.size[0], ex.image.size[1], 0),
+                  interpolation="bilinear")
+        ax.set_axis_off()
+        title += f" · from {ex.tokens[i]}"
+    else:
+        w = (ex.rollout if layer == "rollout" and ex.rollout is not None
+             else torch.stack([ex.row(i, layer, head) for i in range(ex.length)])).sum(0).numpy()
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(12, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        a1.imshow(ex.spectrogram, origin="lower", aspect="auto", cmap="magma",
+                  extent=(0, ex.length * ex.frame_seconds, 0, ex.spectrogram.shape[0]))
+        a1.set_ylabel("mel band")
+        a2.plot(np.arange(ex.length) * ex.frame_seconds, w, color="tab:orange")
+        a2.set_xlabel("seconds")
+        a2.set_ylabel("attention received")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
