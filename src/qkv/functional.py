@@ -49,7 +49,8 @@ def attention(
             alignment, so a decoding step with a KV cache needs no special case).
         dropout_p: dropout on the probabilities, in [0, 1). Applied whenever > 0.
         backend: "auto" or a registered name (``qkv.backends.available()``).
-        return_weights: also return the probabilities (B, Hq, Tq, Tk), before dropout.
+        return_weights: also return the probabilities (B, Hq, Tq, Tk), before dropout (float32 for
+            half-precision inputs, as the softmax is computed in it).
         return_lse: also return the log-sum-exp of the scores (B, Hq, Tq), last.
 
     Returns:
@@ -96,7 +97,7 @@ def attention_weights(
         rows: query row indices; returns (B, Hq, len(rows), Tk).
         topk: keep the k largest probabilities per row; returns ``(values, indices)``
             of shape (B, Hq, Tq, topk) (or ``len(rows)``). Where a row has fewer than
-            ``topk`` candidate keys the extra entries have value 0 and index -1.
+            ``topk`` visible keys the extra entries have value 0 and index -1.
 
     Returns:
         (B, Hq, Tq, Tk) probabilities, or as above. Not differentiable.

@@ -86,3 +86,10 @@ def test_register_validates():
         qkv.backends.register("x", lambda *a, **k: None, teleport=True)
     with pytest.raises(ValueError, match="'auto'"):
         qkv.backends.register("auto", lambda *a, **k: None)
+
+
+def test_one_dimensional_key_masks_are_accepted():
+    keep = torch.tensor([True, True, False, True, True, True, False])
+    out = qkv.attention(Q, K, V, mask=keep)
+    ref = qkv.attention(Q, K, V, mask=keep.expand(5, 7))
+    torch.testing.assert_close(out, ref)

@@ -69,7 +69,8 @@ def test_topk_weights_long_input_equals_full_topk():
     full = qkv.attention_weights(q, k, mask=mask)
     ref_vals, _ = full.topk(8, dim=-1)
     torch.testing.assert_close(vals, ref_vals)
-    torch.testing.assert_close(full.gather(-1, idx.clamp(min=0)), vals)
+    torch.testing.assert_close(torch.where(idx >= 0, full.gather(-1, idx.clamp(min=0)), 0.0), vals)
+    assert torch.all((idx >= 0) == (vals > 0))  # -1 marks "no visible key", never a masked one
     rows = torch.tensor([0, 1, 2999, 1500])
     torch.testing.assert_close(qkv.attention_weights(q, k, mask=mask, rows=rows), full[:, :, rows])
 

@@ -45,7 +45,7 @@ def test_bad_files(tmp_path):
     write_model_bin(tmp_path / "cut.bin", "X", {"w": np.zeros(100, dtype=np.float32)})
     data = (tmp_path / "cut.bin").read_bytes()
     (tmp_path / "cut.bin").write_bytes(data[:60])
-    with pytest.raises((ConversionError, struct.error)):
+    with pytest.raises(ConversionError, match="ends early|not a readable"):
         read_model_bin(tmp_path / "cut.bin")
 
 

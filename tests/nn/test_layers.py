@@ -154,3 +154,22 @@ def test_attention_module_errors_name_the_fix():
     cross = MultiHeadAttention(32, 4, kv_dim=16)
     with pytest.raises(ValueError, match="context"):
         cross(torch.randn(1, 2, 32))
+
+
+def test_kv_cache_capacity_doubles():
+    cache = KVCache(1, capacity=4)
+    sizes = []
+    for _ in range(9):
+        cache.append(0, torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 1, 2))
+        cache.advance(1)
+        sizes.append(cache.keys[0].shape[2])
+    assert sizes == [4, 4, 4, 4, 8, 8, 8, 8, 16]
+
+
+def test_vit_without_qkv_bias_keeps_its_other_biases():
+    from qkv.models import ViTConfig, VisionTransformer
+
+    keys = VisionTransformer(ViTConfig(image_size=16, patch_size=8, dim=32, n_layers=1, n_heads=4, ffn_dim=64,
+                                       qkv_bias=False)).state_dict()
+    assert "encoder.layers.0.attn.qkv.bias" not in keys
+    assert {"encoder.layers.0.attn.o.bias", "encoder.layers.0.ffn.up.bias"} <= set(keys)

@@ -300,25 +300,26 @@ class _Run:
                     s = scores(q[:, :, r0:r1], self.keys(k, t), scale=self.scale, q_pos=self.q_pos[r0:r1], k_pos=kpos,
                                mask=self.tile_mask(t, r0, r1), bias=self.tile_bias(bias, t, r0, r1),
                                score_mod=self.score_mod)
-                    p = probabilities(s, lse[:, :, r0:r1]).to(q.dtype)
+                    p = probabilities(s, lse[:, :, r0:r1])
                 fn(r0, r1, kpos, p)
 
     def weights(self, q, k, bias, lse: torch.Tensor | None = None, *, topk: int | None = None):
         """Exact probabilities: dense (B, Hq, Tq, Tk), or top-k (values, key indices) per row."""
         B, Hq, Tq = q.shape[:3]
+        acc = accumulation_dtype(q.dtype)
         if topk is not None:
-            values = q.new_zeros(B, Hq, Tq, topk)
+            values = torch.zeros(B, Hq, Tq, topk, dtype=acc, device=q.device)
             index = torch.full((B, Hq, Tq, topk), -1, dtype=torch.long, device=q.device)
 
             def keep(r0, r1, kpos, p):
                 n = min(topk, p.shape[-1])
                 val, idx = p.topk(n, dim=-1)
                 values[:, :, r0:r1, :n] = val
-                index[:, :, r0:r1, :n] = kpos[idx]
+                index[:, :, r0:r1, :n] = torch.where(val > 0, kpos[idx], -1)  # -1: no (visible) key
 
             self.stream(q, k, bias, lse, keep)
             return values, index
-        dense = q.new_zeros(B, Hq, Tq, self.plan.tk)
+        dense = torch.zeros(B, Hq, Tq, self.plan.tk, dtype=acc, device=q.device)
 
         def write(r0, r1, kpos, p):
             dense[:, :, r0:r1].index_copy_(3, kpos, p)

@@ -99,7 +99,7 @@ def math_attention(
     safe = torch.where(live, total, 1.0)
     lse = torch.where(live, top + torch.log(safe), NEG_INF).squeeze(-1)
     p = p / safe
-    weights = p.to(q.dtype) if need_weights else None
+    weights = p if need_weights else None  # float32 for half inputs; the tensor `out` is computed from
     out = None
     if v is not None:
         if dropout_p > 0.0:

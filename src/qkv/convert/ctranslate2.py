@@ -50,6 +50,13 @@ class _Reader:
 
 def read_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """(spec name, {variable name: tensor}) of a CTranslate2 ``model.bin``; aliases resolved, scalars as 0-d tensors."""
+    try:
+        return _read_model_bin(path)
+    except (struct.error, RuntimeError, KeyError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not a readable CTranslate2 model.bin ({type(e).__name__}: {e})") from None
+
+
+def _read_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     r = _Reader(Path(path).read_bytes())
     version = r.take("I")
     if version < 5:
@@ -70,9 +77,14 @@ def read_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
             t = torch.from_numpy(np.frombuffer(raw, dtype=_DTYPES[code]).copy())
         else:
             raise ConversionError(f"model.bin variable {name!r} has unknown dtype code {code}")
-        out[name] = t.reshape(dims)
+        try:
+            out[name] = t.reshape(dims)
+        except RuntimeError:
+            raise ConversionError(f"model.bin variable {name!r}: {t.numel()} values do not fill shape {dims}") from None
     for _ in range(r.take("I")):
         alias, target = r.string(), r.string()
+        if target not in out:
+            raise ConversionError(f"model.bin alias {alias!r} points to a missing variable {target!r}")
         out[alias] = out[target]
     return spec, out
 

@@ -73,7 +73,9 @@ def gradient_attention(model, inputs: dict, target: int | None = None) -> torch.
     keyword arguments (e.g. input_ids, attention_mask; or pixel_values); the
     eager backend is used for this pass, as it keeps the weights' gradients.
     """
-    old = model.backend
+    from ..nn import MultiHeadAttention
+
+    saved = [(m, m.backend) for m in model.modules() if isinstance(m, MultiHeadAttention)]
     model.set_backend("eager")
     try:
         with torch.enable_grad():
@@ -85,7 +87,8 @@ def gradient_attention(model, inputs: dict, target: int | None = None) -> torch.
             cls = int(out.logits[0].argmax()) if target is None else target
             out.logits[0, cls].backward()
     finally:
-        model.set_backend(old)
+        for m, backend in saved:
+            m.backend = backend
     T = out.attentions[0].shape[-1]
     relevance = torch.eye(T)
     for a in out.attentions:

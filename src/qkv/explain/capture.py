@@ -140,7 +140,7 @@ def _observer(name, layer, kind, heads, full, topk, mean, store):
                 n = min(maps.top_values.shape[-1], ph.shape[-1])
                 val, idx = ph.topk(n, dim=-1)
                 maps.top_values[:, r0:r1, :n] = val.cpu()
-                maps.top_index[:, r0:r1, :n] = kpos[idx].cpu()
+                maps.top_index[:, r0:r1, :n] = torch.where(val > 0, kpos[idx], -1).cpu()
 
         with torch.no_grad():
             stream_weights(q.detach(), k.detach(), collect, mask=mask, bias=None if bias is None else bias.detach(),

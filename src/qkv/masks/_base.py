@@ -390,9 +390,9 @@ class TensorMask(Mask):
                 f"mask tensor has dtype {tensor.dtype}; masks are bool with True = may attend. "
                 "Convert with `mask.bool()`, or pass additive float values as `bias=`"
             )
-        if not 2 <= tensor.dim() <= 4:
+        if tensor.dim() > 4:
             raise ValueError(
-                f"mask tensor must have 2 to 4 dims broadcastable to (B, H, Tq, Tk), got shape {tuple(tensor.shape)}"
+                f"mask tensor must have at most 4 dims, broadcastable to (B, H, Tq, Tk); got shape {tuple(tensor.shape)}"
             )
         self.tensor = tensor.view(*([1] * (4 - tensor.dim())), *tensor.shape)
         self.q_offset = q_offset

@@ -107,7 +107,8 @@ class SpeechRecognizer(Seq2Seq):
         limit = c.max_positions - len(prompt)
         options.setdefault("suppress_tokens", c.suppress_tokens)
         options.setdefault("begin_suppress_tokens", c.begin_suppress_tokens)
-        return super().generate(input_features, None, max_new_tokens=min(max_new_tokens or limit, limit),
+        n = limit if max_new_tokens is None else min(max_new_tokens, limit)
+        return super().generate(input_features, None, max_new_tokens=n,
                                 decoder_prompt=prompt, **options)
 
     @torch.no_grad()

@@ -50,7 +50,7 @@ class ViTConfig:
 
     def block(self) -> BlockConfig:
         return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, activation=self.activation,
-                           norm="layer", norm_eps=self.norm_eps, prenorm=True, bias=self.qkv_bias,
+                           norm="layer", norm_eps=self.norm_eps, prenorm=True, bias=True, qkv_bias=self.qkv_bias,
                            dropout=self.dropout, attn_dropout=self.attn_dropout)
 
 

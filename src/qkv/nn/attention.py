@@ -35,7 +35,7 @@ class KVCache:
         end = self.length + k.shape[2]
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or buf_k.shape[2] < end or buf_k.shape[0] != k.shape[0]:
-            cap = max(self.capacity, end)
+            cap = max(self.capacity, 1)
             while cap < end:
                 cap *= 2
             new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])

@@ -27,7 +27,8 @@ class BlockConfig:
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm bias
     prenorm: bool = True  # x + f(norm(x)) (GPT-2, Llama, T5); False: norm(x + f(x)) (BERT, BART)
-    bias: bool = True  # biases of the attention and feed-forward projections
+    bias: bool = True  # biases of the attention output and feed-forward projections
+    qkv_bias: bool | None = None  # biases of the q, k, v projections; None: = bias
     cross_attention: bool = False  # decoder blocks of encoder-decoder models
     context_dim: int | None = None  # width of the cross-attended context; None: dim
     qk_norm: str | None = None  # "rms" / "layer" normalisation of each query and key head
@@ -57,7 +58,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.prenorm = cfg.prenorm
-        attn = dict(n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, bias=cfg.bias, qk_norm=cfg.qk_norm,
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        attn = dict(n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, bias=qkv_bias, out_bias=cfg.bias,
+                    qk_norm=cfg.qk_norm,
                     norm_eps=cfg.norm_eps, dropout=cfg.attn_dropout, scale=cfg.scale)
         self.attn = MultiHeadAttention(cfg.dim, cfg.n_heads, **attn)
         self.attn_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)

@@ -70,8 +70,12 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
+        root = folder.resolve()
         for shard in shards:
-            out.update(load_file(str(folder / shard)))
+            path = (folder / shard).resolve()
+            if not path.is_relative_to(root):
+                raise FileNotFoundError(f"{index}: shard {shard!r} lies outside the model folder; refusing to read it")
+            out.update(load_file(str(path)))
         return out
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise FileNotFoundError(

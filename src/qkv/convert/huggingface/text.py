@@ -36,6 +36,8 @@ def gpt2_config(cfg: Mapping) -> CausalLMConfig:
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if cfg.get(flag):
             raise ConversionError(f"GPT-2 option {flag}=True is not supported")
+    if cfg.get("scale_attn_weights", True) is False:
+        raise ConversionError("GPT-2 option scale_attn_weights=False (unscaled attention) is not supported")
     dim = cfg["n_embd"]
     return CausalLMConfig(
         vocab_size=cfg["vocab_size"], dim=dim, n_layers=cfg["n_layer"], n_heads=cfg["n_head"],

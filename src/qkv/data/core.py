@@ -1,0 +1,81 @@
+"""`Data`: the splits of a training set as in-memory tensors, and deterministic batching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..pretrained.tokenizer import Tokenizer
+
+IGNORE = -100  # label value the loss skips
+
+
+class DataError(ValueError):
+    """A problem with the user's data, naming the file and line where it applies."""
+
+
+@dataclass
+class Data:
+    """Train / val / test splits.
+
+    ``kind="stream"``: each split is one long (N,) token tensor (language modelling
+    samples windows of ``block_size + 1``). ``kind="table"``: each split is a dict
+    of tensors sharing their first dimension (one row per example).
+    """
+
+    kind: str
+    splits: dict[str, object]
+    tokenizer: Tokenizer | None = None
+    labels: list[str] | None = None
+    info: dict = field(default_factory=dict)
+
+    def size(self, split: str) -> int:
+        s = self.splits[split]
+        return int(s.numel()) if self.kind == "stream" else int(next(iter(s.values())).shape[0])
+
+    def sample(self, split: str, batch_size: int, generator: torch.Generator, block_size: int = 0) -> dict:
+        """A random batch: ``batch_size`` windows (stream) or rows (table), drawn with ``generator``."""
+        if self.kind == "stream":
+            tokens = self.splits[split]
+            if tokens.numel() <= block_size + 1:
+                raise DataError(f"the {split} split has {tokens.numel()} tokens; block_size={block_size} needs more")
+            starts = torch.randint(0, tokens.numel() - block_size - 1, (batch_size,), generator=generator)
+            win = torch.stack([tokens[s : s + block_size + 1] for s in starts.tolist()])
+            return {"input_ids": win[:, :-1], "labels": win[:, 1:]}
+        idx = torch.randint(0, self.size(split), (batch_size,), generator=generator)
+        return self.rows(split, idx)
+
+    def rows(self, split: str, idx: torch.Tensor) -> dict:
+        return {k: v[idx] for k, v in self.splits[split].items()}
+
+    def batches(self, split: str, batch_size: int, block_size: int = 0, limit: int = 0) -> Iterator[dict]:
+        """The split in order (deterministic evaluation); at most ``limit`` batches if > 0."""
+        n = 0
+        if self.kind == "stream":
+            tokens = self.splits[split]
+            step = block_size * batch_size
+            for s in range(0, max(tokens.numel() - block_size - 1, 0), step):
+                starts = range(s, min(s + step, tokens.numel() - block_size - 1), block_size)
+                win = torch.stack([tokens[t : t + block_size + 1] for t in starts])
+                yield {"input_ids": win[:, :-1], "labels": win[:, 1:]}
+                n += 1
+                if limit and n >= limit:
+                    return
+            return
+        size = self.size(split)
+        for s in range(0, size, batch_size):
+            yield self.rows(split, torch.arange(s, min(s + batch_size, size)))
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+def split_rows(table: dict[str, torch.Tensor], val: float, test: float, seed: int) -> dict[str, dict]:
+    """Shuffle rows (seeded) and cut train / val / test."""
+    n = int(next(iter(table.values())).shape[0])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test, n_val = int(round(n * test)), int(round(n * val))
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+    return {name: {k: v[idx] for k, v in table.items()} for name, idx in parts.items()}
