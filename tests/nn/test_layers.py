@@ -173,3 +173,20 @@ def test_vit_without_qkv_bias_keeps_its_other_biases():
                                        qkv_bias=False)).state_dict()
     assert "encoder.layers.0.attn.qkv.bias" not in keys
     assert {"encoder.layers.0.attn.o.bias", "encoder.layers.0.ffn.up.bias"} <= set(keys)
+
+
+@given(rows=st.integers(1, 40), inp=st.integers(1, 64), out=st.integers(1, 96), bias=st.booleans(),
+       lead=st.sampled_from([(), (2,), (2, 3)]))
+def test_linear_training_path_gradients(rows, inp, out, bias, lead):
+    lin = Linear(inp, out, bias=bias)
+    ref = torch.nn.Linear(inp, out, bias=bias)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(*lead, rows, inp, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    g = torch.randn(*lead, rows, out)
+    lin(x).backward(g)
+    ref(x2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lin.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(lin.bias.grad, ref.bias.grad, atol=1e-4, rtol=1e-5)

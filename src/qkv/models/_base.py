@@ -40,6 +40,28 @@ class Model(nn.Module):
     config: object
     tokenizer = None  # set by qkv.load (a qkv.pretrained.Tokenizer)
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> Model:
+        """Fresh weights for training from scratch (GPT-2 / BERT scheme): N(0, std) matrices and
+        embeddings, zero biases, unit norms; residual output projections scaled by 1/sqrt(2 * layers)."""
+        layers = sum(1 for m in self.modules() if isinstance(m, MultiHeadAttention) and not m.is_cross)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                scale = std / (2 * max(layers, 1)) ** 0.5 if name.endswith((".o", ".down")) else std
+                m.weight.normal_(0.0, scale)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                if m.bias is not None:
+                    m.bias.zero_()
+        return self
+
     def set_backend(self, backend: str) -> Model:
         """Use attention backend ``backend`` ("auto", "sdpa", "chunked", "eager", ...) in every layer."""
         from ..backends import get

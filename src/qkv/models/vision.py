@@ -10,16 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import BlockConfig, Linear, TransformerEncoder
+from ..nn import BlockConfig, Linear, RotaryEmbedding, TransformerEncoder
 from ._base import Model, ModelOutput
 
 
 @dataclass
 class ViTConfig:
-    """Defaults are ViT-Base/16 at 224 x 224."""
+    """Defaults are ViT-Base/16 at 224 x 224. ``image_size`` and ``patch_size`` may also be
+    [height, width] (spectrograms) or [length] (1-D signals, patched by a 1-D convolution)."""
 
-    image_size: int = 224
-    patch_size: int = 16
+    image_size: int | list[int] = 224
+    patch_size: int | list[int] = 16
     channels: int = 3
     dim: int = 768
     n_layers: int = 12
@@ -37,16 +38,43 @@ class ViTConfig:
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     resample: str = "bilinear"  # PIL filter used to resize
+    # variants for training from scratch on small data (the defaults are ViT as published)
+    stem: str = "patch"  # "conv": two 3-wide convolutions (GELU) before the patch projection
+    positions: str = "learned"  # "learned" table, or "rotary" over the flattened patch index
+    pool: str = "cls"  # "cls": class token; "mean": mean of the patch tokens (no class token)
+    input: str = "image"  # what classify() reads: "image" files/arrays, "audio" clips (log-mel), "signal" arrays
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
+        for name, allowed in (("stem", ("patch", "conv")), ("positions", ("learned", "rotary")),
+                              ("pool", ("cls", "mean")), ("input", ("image", "audio", "signal"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        size, patch = self.size, self.patch
+        if len(size) not in (1, 2) or len(patch) != len(size):
+            raise ValueError(f"image_size={self.image_size} and patch_size={self.patch_size} must both be 1-D or 2-D")
+        if any(s % p for s, p in zip(size, patch)):
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.labels is not None and len(self.labels) != self.num_labels:
             raise ValueError(f"labels has {len(self.labels)} names but num_labels={self.num_labels}")
 
     @property
+    def size(self) -> tuple[int, ...]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else tuple(s)
+
+    @property
+    def patch(self) -> tuple[int, ...]:
+        p = self.patch_size
+        return (p,) * len(self.size) if isinstance(p, int) else tuple(p)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(s // p for s, p in zip(self.size, self.patch))
+
+    @property
     def grid(self) -> int:
-        return self.image_size // self.patch_size
+        """Patches per side of a square image."""
+        return self.grid_shape[0]
 
     def block(self) -> BlockConfig:
         return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, activation=self.activation,
@@ -61,51 +89,76 @@ class VisionTransformer(Model):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = c = config
-        self.patch = nn.Conv2d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
-        self.cls = nn.Parameter(torch.zeros(1, 1, c.dim))
-        self.pos = nn.Parameter(torch.empty(1, c.grid * c.grid + 1, c.dim).normal_(std=0.02))
+        conv = nn.Conv2d if len(c.size) == 2 else nn.Conv1d
+        channels = c.channels
+        if c.stem == "conv":
+            width = c.dim // 2
+            self.stem = nn.Sequential(conv(channels, width, 3, padding=1), nn.GELU(),
+                                      conv(width, width, 3, padding=1), nn.GELU())
+            channels = width
+        else:
+            self.stem = None
+        self.patch = conv(channels, c.dim, kernel_size=c.patch, stride=c.patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pool == "cls" else None
+        n = 1
+        for g in c.grid_shape:
+            n *= g
+        first = 1 if c.pool == "cls" else 0
+        self.pos = nn.Parameter(torch.empty(1, n + first, c.dim).normal_(std=0.02)) if c.positions == "learned" else None
+        self.rotary = RotaryEmbedding(c.dim // c.n_heads) if c.positions == "rotary" else None
         self.drop = nn.Dropout(c.dropout)
         self.encoder = TransformerEncoder(c.block(), c.n_layers, final_norm=True)
         self.pooler = Linear(c.dim, c.dim) if c.pooler else None
         self.classifier = Linear(c.dim, c.num_labels) if c.num_labels else None
 
-    def positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Position vectors (1, 1 + gh*gw, C); the patch grid is bicubically resized for other image sizes."""
-        g = self.config.grid
-        if (grid_h, grid_w) == (g, g):
+    def positions(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """Position vectors (1, 1 + patches, C); the patch grid is resized (bicubic / linear) for other sizes."""
+        stored = self.config.grid_shape
+        if tuple(grid) == stored:
             return self.pos
-        cls, patches = self.pos[:, :1], self.pos[:, 1:]
-        grid = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], dim=1)
+        first = 1 if self.cls is not None else 0
+        cls, patches = self.pos[:, :first], self.pos[:, first:]
+        table = patches.reshape(1, *stored, -1).movedim(-1, 1)  # (1, C, *grid)
+        mode = "bicubic" if len(stored) == 2 else "linear"
+        table = F.interpolate(table, size=tuple(grid), mode=mode, align_corners=False)
+        return torch.cat([cls, table.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, pixel_values: torch.Tensor, return_weights: bool = False,
                 return_hidden: bool = False) -> ModelOutput:
-        """pixel_values (B, 3, H, W), normalised -> ModelOutput(last_hidden_state (B, 1 + patches, C), logits)."""
+        """pixel_values (B, channels, H, W) or (B, channels, L), normalised -> ModelOutput(last_hidden_state
+        (B, 1 + patches, C), logits)."""
         B = pixel_values.shape[0]
-        x = self.patch(pixel_values.to(self.patch.weight.dtype))  # (B, C, gh, gw)
-        gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)  # (B, gh*gw, C)
-        x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1) + self.positions(gh, gw)
-        out = self.encoder(self.drop(x), return_weights=return_weights, return_hidden=return_hidden)
+        x = pixel_values.to(self.patch.weight.dtype)
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch(x)  # (B, C, *grid)
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, patches, C)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(B, -1, -1), x], dim=1)
+        if self.pos is not None:
+            x = x + self.positions(grid)
+        out = self.encoder(self.drop(x), rotary=self.rotary, return_weights=return_weights, return_hidden=return_hidden)
         h = out.hidden
         result = ModelOutput(h, attentions=out.attentions, hidden_states=out.hidden_states)
+        summary = h[:, 0] if self.cls is not None else h.mean(1)
         if self.pooler is not None:
-            result.pooled = torch.tanh(self.pooler(h[:, 0]))
+            result.pooled = torch.tanh(self.pooler(summary))
         if self.classifier is not None:
-            result.logits = self.classifier(h[:, 0])
+            result.logits = self.classifier(summary)
         return result
 
     def preprocess(self, images, size: int | None = None) -> torch.Tensor:
-        """PIL images, (H, W, 3) uint8 arrays or image file paths -> normalised (N, 3, size, size)."""
+        """PIL images, (H, W, 3) uint8 arrays or image file paths -> normalised (N, 3, size, size);
+        audio clips or signals for models trained on them (see `preprocess`)."""
         return preprocess(images, self.config, size)
 
     @torch.no_grad()
     def classify(self, images, top: int = 5) -> list[dict] | dict:
-        """The ``top`` labels with probabilities for each image (one image gives one dict)."""
+        """The ``top`` labels with probabilities for each image, clip or signal (one input gives one dict)."""
         if self.classifier is None:
             raise ValueError("classify() needs a classification head (num_labels > 0); this ViT has none")
-        single = not isinstance(images, (list, tuple))
+        single = not isinstance(images, list) and not (isinstance(images, tuple) and self.config.input != "audio")
         x = self.preprocess([images] if single else list(images)).to(self.device)
         probs = self(x).logits.float().softmax(-1).cpu()
         names = self.config.labels or [str(i) for i in range(self.config.num_labels)]
@@ -141,20 +194,43 @@ def _load_image(image):
 
 
 def preprocess(images: Sequence, config: ViTConfig, size: int | None = None) -> torch.Tensor:
-    """Resize (PIL, the checkpoint's filter), scale to [0, 1], normalise: what ViTImageProcessor does."""
+    """Model inputs for ``config.input``. Images: resize (PIL, the checkpoint's filter), scale to [0, 1],
+    normalise (what ViTImageProcessor does); one channel reads them as grey. Audio (paths, arrays at
+    16 kHz, or (array, rate) pairs): log-mel features of the configured bands and frames (10 ms each).
+    Signals: arrays of the configured length."""
+    if config.input == "audio":
+        from .audio import HOP, SAMPLE_RATE, load_audio, log_mel
+
+        bands, frames = config.size
+        out = []
+        for clip in images:
+            wave = load_audio(*clip) if isinstance(clip, tuple) else load_audio(clip)
+            out.append(log_mel(wave, n_mels=bands, samples=frames * HOP))
+        return torch.stack(out)
+    if config.input == "signal":
+        out = []
+        for x in images:
+            x = torch.as_tensor(x, dtype=torch.float32)
+            x = x[None] if x.dim() == 1 else x
+            if tuple(x.shape) != (config.channels, *config.size):
+                raise ValueError(f"signal of shape {tuple(x.shape)}; this model reads ({config.channels}, {config.size[0]})")
+            out.append(x)
+        return torch.stack(out)
     try:
         from PIL import Image
     except ImportError:
         raise ImportError("image input needs Pillow: pip install 'qkv[vision]' (or pip install pillow)") from None
     import numpy as np
 
-    size = size or config.image_size
+    height, width = (size, size) if size else config.size
     filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+    channels = config.channels
+    mean = torch.tensor(config.image_mean[:channels]).view(channels, 1, 1)
+    std = torch.tensor(config.image_std[:channels]).view(channels, 1, 1)
     out = []
     for image in images:
-        im = _load_image(image).resize((size, size), filters[config.resample])
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(config.image_mean).view(3, 1, 1)
-        std = torch.tensor(config.image_std).view(3, 1, 1)
-        out.append((x - mean) / std)
+        im = _load_image(image)
+        im = (im.convert("L") if channels == 1 else im).resize((width, height), filters[config.resample])
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).reshape(height, width, channels) / 255.0)
+        out.append((x.permute(2, 0, 1) - mean) / std)
     return torch.stack(out)

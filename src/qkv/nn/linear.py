@@ -11,9 +11,11 @@ Measured on this project's 2-core AMD EPYC machine (`benchmarks/linear.py`):
   ``torch.bmm`` runs them in parallel. GPT-2's 48 layer matrices: 17.6 ms with
   ``F.linear``, 9.9 ms with oneDNN, 8.1 ms split.
 
-Both are inference paths (no autograd formula is needed): with gradients
-enabled, or for dtypes they do not take (float64), ``F.linear`` runs. Results
-equal ``F.linear``'s up to float summation order.
+- Training: forward, input and weight gradients all through oneDNN (a small
+  autograd function; the weight-gradient product takes transposed copies).
+
+Other devices and dtypes oneDNN does not take (float64) use ``F.linear``.
+Results equal ``F.linear``'s up to float summation order.
 """
 
 from __future__ import annotations
@@ -28,11 +30,40 @@ _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _onednn_ok = _ONEDNN is not None and torch.backends.mkldnn.is_available()
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """``x @ W.T + b`` with all three products (forward, input and weight gradients) through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _ONEDNN(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _ONEDNN(grad, weight.t().contiguous(), None, "none", [], "")  # grad @ W
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            gw = _ONEDNN(g2.t().contiguous(), x2.t().contiguous(), None, "none", [], "")  # grad.T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
 class Linear(nn.Linear):
-    """`nn.Linear` with faster inference on CPU (see the module docstring)."""
+    """`nn.Linear` with faster products on CPU (see the module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)):
+        if x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            if (_onednn_ok and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.numel()
+                    and not torch.is_autocast_enabled("cpu")):  # autocast: F.linear runs in bfloat16
+                return _OneDNNLinear.apply(x, self.weight, self.bias)
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= _MAX_ROWS:
