@@ -80,6 +80,27 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _cmd_classify(args) -> int:
+    model = qkv.load(args.model)
+    if not hasattr(model, "classify"):
+        print(f"{args.model} is a {type(model).__name__}, which does not classify", file=sys.stderr)
+        return 2
+    inputs = _texts(args)
+    results = model.classify(inputs)
+    rows = []
+    for item, r in zip(inputs, results):
+        scores = r.get("scores") or dict(r.get("top", []))
+        top = sorted(scores.items(), key=lambda kv: -kv[1])[: args.top]
+        rows.append({"input": item, "label": r["label"], "score": r["score"], "top": top})
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            rest = ", ".join(f"{k} {v:.3f}" for k, v in row["top"][1:])
+            print(f"{row['label']}  {row['score']:.3f}  {str(row['input'])[:60]}" + (f"  ({rest})" if rest else ""))
+    return 0
+
+
 def _cmd_generate(args) -> int:
     model = qkv.load(args.model)
     if not hasattr(model, "generate"):
@@ -157,6 +178,49 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    import logging
+
+    from ..train import fit, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    cfg = load_config(args.config, args.set or [])
+    result = fit(cfg, resume=args.resume, progress=not args.quiet)
+    summary = {"out": str(result.out), "step": result.step, "val": result.metrics, "test": result.test,
+               "interrupted": result.interrupted, "stopped_early": result.stopped_early}
+    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 130 if result.interrupted else 0
+
+
+def _cmd_evaluate(args) -> int:
+    from pathlib import Path
+
+    from ..data import load_data
+    from ..train import TrainConfig, evaluate
+    from ..train.config import load_config
+
+    folder = Path(args.checkpoint)
+    if (folder / "model.safetensors").exists() and not (folder / "config.json").exists():
+        folder = folder.parent.parent  # a checkpoints/step_N folder: its run folder has the config
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{folder}: no config.json; give a training output folder (qkv train's `out`)")
+    saved = json.loads(cfg_file.read_text())
+    if "qkv_train" not in saved:
+        raise ValueError(f"{folder} was not written by qkv train: no training config to rebuild its data from")
+    cfg: TrainConfig = load_config(None, args.set or [], base=saved["qkv_train"])
+    model = qkv.load(folder)
+    if Path(args.checkpoint) != folder:
+        from safetensors.torch import load_model
+
+        load_model(model, str(Path(args.checkpoint) / "model.safetensors"), strict=True)
+    data = load_data(cfg.data, cfg.task, cfg.seed)
+    result = {split: evaluate(cfg.task, model, data, split, cfg.train.batch_size, cfg.data.block_size, 0)
+              for split in args.split}
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    return 0
+
+
 def _cmd_info(args) -> int:
     from dataclasses import asdict
 
@@ -209,6 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--json", action="store_true", help="print the vectors as JSON")
     em.set_defaults(func=_cmd_embed)
 
+    cl = sub.add_parser("classify", help="labels for texts, images or audio clips",
+                        description="Classify with a trained text classifier or ViT (images, or audio/signal models "
+                                    "trained by qkv train).")
+    cl.add_argument("text", nargs="*", help="texts, or image / audio file paths")
+    cl.add_argument("--file", help="a text file with one input per line")
+    cl.add_argument("--model", required=True, help="model folder (e.g. a qkv train output folder)")
+    cl.add_argument("--top", type=int, default=3, help="labels shown per input")
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(func=_cmd_classify)
+
     ge = sub.add_parser("generate", help="continue a prompt with a language model",
                         description="Generate text with a causal or encoder-decoder model (KV-cached decoding).")
     ge.add_argument("text", nargs="*", help="prompts")
@@ -250,6 +324,24 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true", help="print tokens and weights as JSON")
     ex.set_defaults(func=_cmd_explain)
 
+    tn = sub.add_parser("train", help="train a model from a TOML config",
+                        description="Train on built-in or your own data: progress, metrics.jsonl, curves.png, "
+                                    "atomic checkpoints, --resume; under torchrun, DistributedDataParallel.")
+    tn.add_argument("config", nargs="?", default=None, help="TOML file (tables: data, model, train)")
+    tn.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. --set train.lr=3e-4")
+    tn.add_argument("--resume", action="store_true", help="continue from the last checkpoint in `out`")
+    tn.add_argument("--quiet", action="store_true", help="no progress output")
+    tn.add_argument("--json", action="store_true", help="print the summary as JSON")
+    tn.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a trained model on its task",
+                        description="Evaluate a qkv train output folder (or one of its checkpoints).")
+    ev.add_argument("checkpoint", help="the run folder, or checkpoints/step_N inside it")
+    ev.add_argument("--split", nargs="+", default=["test"], choices=["train", "val", "test"])
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
     inf = sub.add_parser("info", help="describe a model", description="Architecture, size and attention backend of a model.")
     inf.add_argument("model", help="registered name or model folder")
     inf.add_argument("--json", action="store_true")
@@ -275,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:  # ConfigError and DataError are ValueErrors
         print(f"qkv {args.command}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. an unreadable audio file (soundfile's LibsndfileError)

@@ -51,18 +51,19 @@ class Data:
         return {k: v[idx] for k, v in self.splits[split].items()}
 
     def batches(self, split: str, batch_size: int, block_size: int = 0, limit: int = 0) -> Iterator[dict]:
-        """The split in order (deterministic evaluation); at most ``limit`` batches if > 0."""
+        """The split in order (deterministic evaluation). With ``limit`` > 0, at most that many batches;
+        for token streams they are spread evenly over the split, so a partial evaluation is unbiased."""
         n = 0
         if self.kind == "stream":
             tokens = self.splits[split]
-            step = block_size * batch_size
-            for s in range(0, max(tokens.numel() - block_size - 1, 0), step):
-                starts = range(s, min(s + step, tokens.numel() - block_size - 1), block_size)
-                win = torch.stack([tokens[t : t + block_size + 1] for t in starts])
+            last = tokens.numel() - block_size - 1
+            starts = list(range(0, max(last, 0), block_size))
+            if limit and len(starts) > limit * batch_size:
+                stride = len(starts) / (limit * batch_size)
+                starts = [starts[int(i * stride)] for i in range(limit * batch_size)]
+            for s in range(0, len(starts), batch_size):
+                win = torch.stack([tokens[t : t + block_size + 1] for t in starts[s : s + batch_size]])
                 yield {"input_ids": win[:, :-1], "labels": win[:, 1:]}
-                n += 1
-                if limit and n >= limit:
-                    return
             return
         size = self.size(split)
         for s in range(0, size, batch_size):

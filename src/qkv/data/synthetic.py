@@ -12,10 +12,15 @@ LISTOPS_TOKENS = ["<pad>", "<cls>", "[MIN", "[MAX", "[MED", "[SM", "]"] + [str(d
 _OPS = ["[MIN", "[MAX", "[MED", "[SM"]
 
 
-def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int):
-    if depth >= max_depth or rng.random() < 0.25 * (depth > 0):
+def _listops_tree(rng: random.Random, budget: int, depth: int, max_depth: int, max_args: int):
+    """A random expression of about ``budget`` tokens (an operator and its "]" cost two)."""
+    if budget < 4 or depth >= max_depth:
         return rng.randrange(10)
-    return (rng.choice(_OPS), [_listops_tree(rng, depth + 1, max_depth, max_args) for _ in range(rng.randint(2, max_args))])
+    n_args = rng.randint(2, max_args)
+    inner = budget - 2
+    cuts = sorted(rng.randint(0, inner) for _ in range(n_args - 1))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, inner])]
+    return (rng.choice(_OPS), [_listops_tree(rng, max(1, s), depth + 1, max_depth, max_args) for s in sizes])
 
 
 def _listops_value(node) -> int:
@@ -52,7 +57,9 @@ def listops(n: int, min_len: int = 500, max_len: int = 2000, max_depth: int = 10
     vocab = {t: i for i, t in enumerate(LISTOPS_TOKENS)}
     seqs, labels = [], []
     while len(seqs) < n:
-        tree = (rng.choice(_OPS), [_listops_tree(rng, 1, max_depth, max_args) for _ in range(rng.randint(2, max_args))])
+        tree = _listops_tree(rng, rng.randint(min_len, max_len), 0, max_depth, max_args)
+        if isinstance(tree, int):
+            continue
         toks = _listops_tokens(tree, [])
         if not min_len <= len(toks) + 1 <= max_len:
             continue

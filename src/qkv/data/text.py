@@ -27,7 +27,7 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int = 2048, cla
         for c in chars:
             vocab.setdefault(c, len(vocab))
         tok = _Tok(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?s)."), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
         tok.decoder = decoders.Fuse()
     elif kind == "bpe":
         tok = _Tok(models.BPE(unk_token="<unk>"))

@@ -141,7 +141,7 @@ def explain_image(model, image, *, layers=None, heads=None, full: bool | None = 
                   name: str = "") -> Explanation:
     """Attention of a VisionTransformer over one image (path, PIL image or array)."""
     pixels = model.preprocess([image]).to(model.device)
-    size = model.config.image_size
+    size = model.config.size[0]
     with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
         model(pixels)
     g = size // model.config.patch_size

