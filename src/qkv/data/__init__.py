@@ -127,14 +127,33 @@ def load_data(cfg, task: str, seed: int = 0) -> Data:
         return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), None,
                     [str(i) for i in range(10)], info={"vocab_size": len(LISTOPS_TOKENS), "num_labels": 10})
     if name == "mqar":
+        fresh = opts.pop("fresh", True)  # new sequences every batch (as Zoology's generator); False: a fixed table
+        mix = opts.pop("train_mix", None)  # [[seq_len, pairs], ...]: training batches drawn from these shorter tasks
         table = _call(mqar, opts, n=20000, seed=seed)
+        sampler = (lambda size, g: _mqar_batch(opts, mix, size, g)) if fresh else None
         return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), None,
-                    info={"vocab_size": opts.get("vocab_size", 8192), "seq_len": table["input_ids"].shape[1]})
+                    info={"vocab_size": opts.get("vocab_size", 8192), "seq_len": table["input_ids"].shape[1]},
+                    fresh=sampler)
     if task == "image":
         return _table(*_call(image_folder, opts, root=cfg.path), cfg, seed)
     if task == "audio":
         return _table(*_call(audio_folder, opts, root=cfg.path), cfg, seed)
     raise DataError(f"task {task!r} needs data.dataset or a data.path it can read")
+
+
+def _mqar_batch(opts: dict, mix, size: int, g: torch.Generator) -> dict:
+    """Fresh MQAR rows; with a mix, one (seq_len, pairs) setting per batch, drawn with ``g``, and
+    right-padded with filler to the evaluation length (a causal model never sees the padding)."""
+    if not mix:
+        return mqar(**{**opts, "n": size, "generator": g})
+    width = opts.get("seq_len", 256)
+    seq_len, pairs = mix[int(torch.randint(0, len(mix), (1,), generator=g))]
+    if seq_len > width:
+        raise DataError(f"data.options.train_mix: seq_len {seq_len} is longer than seq_len {width}")
+    rows = mqar(**{**opts, "n": size, "generator": g, "seq_len": seq_len, "pairs": pairs})
+    pad = width - seq_len
+    return {"input_ids": torch.nn.functional.pad(rows["input_ids"], (0, pad)),
+            "labels": torch.nn.functional.pad(rows["labels"], (0, pad), value=IGNORE)}
 
 
 def _call(fn, options: dict, **defaults):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,9 @@ class Data:
     tokenizer: Tokenizer | None = None
     labels: list[str] | None = None
     info: dict = field(default_factory=dict)
+    # generated tasks: fresh training examples for every batch, ``fresh(batch_size, generator) -> rows``
+    # (nothing to memorise); validation and test stay fixed
+    fresh: Callable[[int, torch.Generator], dict] | None = None
 
     def size(self, split: str) -> int:
         s = self.splits[split]
@@ -44,6 +47,8 @@ class Data:
             starts = torch.randint(0, tokens.numel() - block_size - 1, (batch_size,), generator=generator)
             win = torch.stack([tokens[s : s + block_size + 1] for s in starts.tolist()])
             return {"input_ids": win[:, :-1], "labels": win[:, 1:]}
+        if split == "train" and self.fresh is not None:
+            return self.fresh(batch_size, generator)
         idx = torch.randint(0, self.size(split), (batch_size,), generator=generator)
         return self.rows(split, idx)
 

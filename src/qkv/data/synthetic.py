@@ -75,7 +75,7 @@ def listops(n: int, min_len: int = 500, max_len: int = 2000, max_depth: int = 10
 
 
 def mqar(n: int, seq_len: int = 256, pairs: int = 16, vocab_size: int = 8192, seed: int = 0,
-         power: float = 0.01) -> dict[str, torch.Tensor]:
+         power: float = 0.01, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Multi-query associative recall (Arora et al., Zoology, arXiv:2312.04927).
 
     The sequence opens with ``pairs`` key-value pairs (keys from the lower half of the
@@ -83,23 +83,22 @@ def mqar(n: int, seq_len: int = 256, pairs: int = 16, vocab_size: int = 8192, se
     drawn from a power law. The label at a query position is its value (-100 elsewhere):
     the model must recall it. Token 0 fills the gaps.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     half = vocab_size // 2
     ctx = 2 * pairs
     if seq_len < ctx + pairs:
         raise ValueError(f"seq_len={seq_len} cannot hold {pairs} pairs and their queries")
-    keys = torch.stack([torch.randperm(half - 1, generator=g)[:pairs] + 1 for _ in range(n)])  # (n, pairs), never 0
+    keys = torch.rand(n, half - 1, generator=g).argsort(dim=1)[:, :pairs] + 1  # (n, pairs) distinct, never 0
     values = torch.randint(half, vocab_size, (n, pairs), generator=g)
     ids = torch.zeros(n, seq_len, dtype=torch.long)
     labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
     ids[:, 0:ctx:2], ids[:, 1:ctx:2] = keys, values
     gaps = seq_len - ctx
-    weights = (torch.arange(1, gaps + 1, dtype=torch.float64) ** -power)
-    for i in range(n):
-        slots = torch.multinomial(weights, pairs, replacement=False, generator=g) + ctx
-        order = torch.randperm(pairs, generator=g)
-        ids[i, slots] = keys[i, order]
-        labels[i, slots] = values[i, order]
+    weights = (torch.arange(1, gaps + 1, dtype=torch.float64) ** -power).expand(n, gaps)
+    slots = torch.multinomial(weights, pairs, replacement=False, generator=g) + ctx  # (n, pairs)
+    order = torch.rand(n, pairs, generator=g).argsort(dim=1)
+    ids.scatter_(1, slots, keys.gather(1, order))
+    labels.scatter_(1, slots, values.gather(1, order))
     return {"input_ids": ids, "labels": labels}
 
 

@@ -72,12 +72,15 @@ class CausalLM(Model):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                return_weights: bool = False, return_hidden: bool = False, last_only: bool = False) -> ModelOutput:
+                return_weights: bool = False, return_hidden: bool = False, last_only: bool = False,
+                logits_for: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput(last_hidden_state, logits (B, T, V), attentions, cache).
 
         ``attention_mask`` (B, Tk) covers the cached positions too. ``position_ids``
         default to ``cache.length + arange(T)``. ``last_only`` computes logits for
-        the last position only (what decoding needs).
+        the last position only (what decoding needs); ``logits_for``, a (B, T) bool
+        mask, for the marked positions only, as (N, V) in row-major order (training
+        on sparse labels, where a full (B, T, V) tensor would be mostly waste).
         """
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
@@ -92,7 +95,7 @@ class CausalLM(Model):
         if cache is not None:
             cache.advance(T)
         h = out.hidden
-        logits = self.lm_head(h[:, -1:] if last_only else h)
+        logits = self.lm_head(h[:, -1:] if last_only else h if logits_for is None else h[logits_for])
         return ModelOutput(h, logits=logits, attentions=out.attentions, hidden_states=out.hidden_states, cache=cache)
 
     @torch.no_grad()

@@ -136,7 +136,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                     loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing)
                 (loss / t.accumulate).backward()
                 total += float(loss.detach()) / t.accumulate
-                items += batch[next(iter(batch))].numel() if cfg.task == "lm" else stats["count"]
+                items += batch[next(iter(batch))].numel() if cfg.task in ("lm", "mqar") else stats["count"]
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
@@ -144,7 +144,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
             state["step"] = step + 1
             rate = items * world / max(time.perf_counter() - t0, 1e-9)
             bar.update(step + 1, loss=total, lr=optimizer.param_groups[0]["lr"], rate=rate,
-                       unit="tok/s" if cfg.task == "lm" else "ex/s", write=(step + 1) % t.log_every == 0)
+                       unit="tok/s" if cfg.task in ("lm", "mqar") else "ex/s", write=(step + 1) % t.log_every == 0)
             last = step + 1 == t.steps
             if rank == 0 and ((step + 1) % t.eval_every == 0 or last):
                 limit = 0 if last else t.eval_batches  # the final evaluation reads the whole split

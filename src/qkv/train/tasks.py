@@ -91,7 +91,7 @@ def build_model(cfg: TrainConfig, data: Data):
 
 def loss_and_stats(task: str, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The training loss of a batch and the counts its metric sums over."""
-    if task in ("lm", "mqar"):
+    if task == "lm":
         logits = model(batch["input_ids"]).logits
         labels = batch["labels"]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
@@ -99,6 +99,12 @@ def loss_and_stats(task: str, model, batch: dict, label_smoothing: float = 0.0) 
         keep = labels != IGNORE
         right = ((logits.argmax(-1) == labels) & keep).sum()
         return loss, {"correct": int(right), "count": int(keep.sum())}
+    if task == "mqar":  # labels only at the queries: logits there only
+        keep = batch["labels"] != IGNORE
+        logits = model(batch["input_ids"], logits_for=keep).logits
+        labels = batch["labels"][keep]
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return loss, {"correct": int((logits.argmax(-1) == labels).sum()), "count": int(labels.numel())}
     if task in ("classify", "listops"):
         logits = model(batch["input_ids"], batch["attention_mask"]).logits
     elif task == "seq2seq":
