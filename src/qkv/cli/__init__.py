@@ -13,7 +13,7 @@ def _cmd_bench(args) -> int:
     from . import bench
 
     progress = None if args.json else (lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
-    if args.what in ("text", "media"):
+    if args.what in ("text", "media", "train"):
         try:
             import importlib
 
@@ -80,10 +80,18 @@ def _cmd_embed(args) -> int:
     return 0
 
 
-def _cmd_classify(args) -> int:
+def _model_that(args, method: str, does: str):
+    """``qkv.load(args.model)`` if it has ``method``; otherwise None, after saying so."""
     model = qkv.load(args.model)
-    if not hasattr(model, "classify"):
-        print(f"{args.model} is a {type(model).__name__}, which does not classify", file=sys.stderr)
+    if not hasattr(model, method):
+        print(f"{args.model} is a {type(model).__name__}, which does not {does}", file=sys.stderr)
+        return None
+    return model
+
+
+def _cmd_classify(args) -> int:
+    model = _model_that(args, "classify", "classify")
+    if model is None:
         return 2
     inputs = _texts(args)
     results = model.classify(inputs)
@@ -102,9 +110,8 @@ def _cmd_classify(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    model = qkv.load(args.model)
-    if not hasattr(model, "generate"):
-        print(f"{args.model} is a {type(model).__name__}, which does not generate text", file=sys.stderr)
+    model = _model_that(args, "generate", "generate text")
+    if model is None:
         return 2
     prompts = _texts(args)
     out = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample or args.temperature != 1.0
@@ -247,6 +254,13 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _inputs(parser, text_help: str, one: str, model_help: str) -> None:
+    """The positional inputs, --file (one per line) and a required --model."""
+    parser.add_argument("text", nargs="*", help=text_help)
+    parser.add_argument("--file", help=f"a text file with one {one} per line")
+    parser.add_argument("--model", required=True, help=model_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qkv", description="Self-attention for PyTorch: attention core, models, tools.")
     p.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
@@ -254,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention", "text", "media"],
+    b.add_argument("what", choices=["attention", "text", "media", "train"],
                    help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding; "
-                        "media: transcription and ViT; the last two against the reference libraries")
+                        "media: transcription and ViT; train: GPT-2-style training steps; the last three against "
+                        "the reference libraries")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
@@ -276,18 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("classify", help="labels for texts, images or audio clips",
                         description="Classify with a trained text classifier or ViT (images, or audio/signal models "
                                     "trained by qkv train).")
-    cl.add_argument("text", nargs="*", help="texts, or image / audio file paths")
-    cl.add_argument("--file", help="a text file with one input per line")
-    cl.add_argument("--model", required=True, help="model folder (e.g. a qkv train output folder)")
+    _inputs(cl, "texts, or image / audio file paths", "input", "model folder (e.g. a qkv train output folder)")
     cl.add_argument("--top", type=int, default=3, help="labels shown per input")
     cl.add_argument("--json", action="store_true")
     cl.set_defaults(func=_cmd_classify)
 
     ge = sub.add_parser("generate", help="continue a prompt with a language model",
                         description="Generate text with a causal or encoder-decoder model (KV-cached decoding).")
-    ge.add_argument("text", nargs="*", help="prompts")
-    ge.add_argument("--file", help="a text file with one prompt per line")
-    ge.add_argument("--model", required=True, help="model folder (config.json, model.safetensors, tokenizer.json)")
+    _inputs(ge, "prompts", "prompt", "model folder (config.json, model.safetensors, tokenizer.json)")
     ge.add_argument("--max-new-tokens", type=int, default=32)
     ge.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     ge.add_argument("--temperature", type=float, default=1.0)
