@@ -94,3 +94,11 @@ def test_mqar(tmp_path):
                     "data.options.pairs=4", "data.options.vocab_size=32", "data.block_size=24", "train.steps=300",
                     "train.batch_size=32", "train.lr=3e-3", "model.dim=64", "model.n_layers=2")
     assert result.metrics["accuracy"] > 0.3, result.metrics  # chance 1/16
+
+
+def test_bf16_autocast_learns(tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_text(story_text())
+    result, _ = run(tmp_path, "task=lm", f"data.path={path}", "data.block_size=32", "train.steps=150",
+                    "train.batch_size=16", "train.lr=3e-3", "train.bf16=true")
+    assert result.metrics["loss"] < 0.5 * math.log(len(set(path.read_text())) + 6), result.metrics

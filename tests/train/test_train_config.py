@@ -61,3 +61,23 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     code = main(["train", str(write(tmp_path, 'task = "lm"\n[data]\ndataset = "shakespeare"\n[train]\nlr = "x"\n'))])
     assert code == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from qkv.train.tasks import DEFAULTS
+
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.toml"))
+    assert len(configs) >= 6
+    for p in configs:
+        cfg = load_config(p)
+        assert cfg.task in DEFAULTS, p
+
+
+def test_unknown_dataset_option_is_named():
+    from qkv.data import DataError, load_data
+
+    cfg = load_config(None, ["task=listops", "data.dataset=listops", "data.options.length=5"])
+    with pytest.raises(DataError, match=r"data\.options\.length.*min_len"):
+        load_data(cfg.data, cfg.task)
