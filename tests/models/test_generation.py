@@ -104,3 +104,37 @@ def test_swapping_the_attention_backend_keeps_outputs(name, backend):
     torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown backend"):
         model.set_backend("warp-drive")
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_token_conv_cached_and_padded_decoding(width):
+    """A model with a short token convolution: the cache carries its inputs, padding stays zero."""
+    from qkv.models import CausalLM, CausalLMConfig
+
+    torch.manual_seed(0)
+    model = CausalLM(CausalLMConfig(vocab_size=50, dim=32, n_layers=2, n_heads=2, ffn_dim=64, max_positions=64,
+                                    token_conv=width)).init_weights().eval()
+    ids = torch.randint(3, 50, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(2, capacity=4)
+        steps = [model(ids[:, :5], cache=cache).logits]
+        for t in range(5, 13):
+            steps.append(model(ids[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the convolution is live: the previous token changes the next logits
+        conv_off = CausalLM(model.config).eval()
+        conv_off.load_state_dict(model.state_dict())
+        conv_off.token_conv.weight.zero_()
+        assert not torch.allclose(conv_off(ids).logits, full, atol=1e-4)
+    prompts = [ids[0, :4], ids[1, :9]]
+    batch_ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch_ids[i, 9 - len(p):], mask[i, 9 - len(p):] = p, 1
+    batch = model.generate(batch_ids, mask, max_new_tokens=6, eos_token_id=[])
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=6, eos_token_id=[])
+        assert torch.equal(batch[i, 9:], alone[0, len(p):])
+    with pytest.raises(ValueError, match="token_conv"):
+        CausalLMConfig(token_conv=1)

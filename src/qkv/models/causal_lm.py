@@ -40,10 +40,16 @@ class CausalLMConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # > 0: a causal depthwise convolution of this width over the token embeddings, added to them
+    # (the short convolution of H3 / Based): each position also carries its predecessors, so one
+    # attention layer can match "the token after k" (associative recall) without a previous-token head
+    token_conv: int = 0
 
     def __post_init__(self):
         if self.positions not in ("learned", "rotary"):
             raise ValueError(f"positions={self.positions!r} must be 'learned' or 'rotary'")
+        if self.token_conv < 0 or self.token_conv == 1:
+            raise ValueError(f"token_conv={self.token_conv} must be 0 (none) or a width >= 2")
         self.block()  # validates the block fields
 
     def block(self) -> BlockConfig:
@@ -65,6 +71,8 @@ class CausalLM(Model):
         self.rotary = (RotaryEmbedding(c.rotary_dim or head_dim, c.rope_theta, c.rope_interleaved)
                        if c.positions == "rotary" else None)
         self.drop = nn.Dropout(c.dropout)
+        self.token_conv = (nn.Conv1d(c.dim, c.dim, c.token_conv, groups=c.dim, bias=False)
+                           if c.token_conv else None)
         self.stack = TransformerEncoder(c.block(), c.n_layers, final_norm=True)
         self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
@@ -89,6 +97,8 @@ class CausalLM(Model):
         x = self.tokens(input_ids)
         if self.pos is not None:
             x = x + self.pos(position_ids)
+        if self.token_conv is not None:
+            x = x + self._convolve(x, attention_mask, cache, start)
         mask = step_mask(attention_mask) if T == 1 and start > 0 else key_mask(attention_mask, causal=True)
         out = self.stack(self.drop(x), mask=mask, rotary=self.rotary, positions=position_ids, cache=cache,
                           return_weights=return_weights, return_hidden=return_hidden)
@@ -97,6 +107,20 @@ class CausalLM(Model):
         h = out.hidden
         logits = self.lm_head(h[:, -1:] if last_only else h if logits_for is None else h[logits_for])
         return ModelOutput(h, logits=logits, attentions=out.attentions, hidden_states=out.hidden_states, cache=cache)
+
+    def _convolve(self, x: torch.Tensor, attention_mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        """The causal depthwise convolution over (B, T, C) embeddings; padding positions count as zeros,
+        and a cache carries the last ``width - 1`` inputs to the next step."""
+        width = self.config.token_conv
+        if attention_mask is not None:
+            x = x * attention_mask[:, -x.shape[1]:, None].to(x.dtype)
+        before = cache.state.get("token_conv") if cache is not None and start > 0 else None
+        if before is None:
+            before = x.new_zeros(x.shape[0], width - 1, x.shape[2])
+        seq = torch.cat([before, x], dim=1)
+        if cache is not None:
+            cache.state["token_conv"] = seq[:, -(width - 1):]
+        return self.token_conv(seq.transpose(1, 2)).transpose(1, 2)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | str | Sequence[str], attention_mask: torch.Tensor | None = None,

@@ -29,6 +29,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
         self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.state: dict[str, torch.Tensor] = {}  # other per-sequence state a model carries between steps
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, Hkv, T, D) after the cached positions; return all keys and values so far."""
