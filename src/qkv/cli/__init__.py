@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import qkv
@@ -195,7 +196,8 @@ def _cmd_train(args) -> int:
     result = fit(cfg, resume=args.resume, progress=not args.quiet)
     summary = {"out": str(result.out), "step": result.step, "val": result.metrics, "test": result.test,
                "interrupted": result.interrupted, "stopped_early": result.stopped_early}
-    print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process reports
+        print(json.dumps(summary) if args.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
     return 130 if result.interrupted else 0
 
 
@@ -374,8 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (FileNotFoundError, ValueError, ImportError) as e:  # ConfigError and DataError are ValueErrors

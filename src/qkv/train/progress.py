@@ -74,7 +74,7 @@ def plot_curves(out: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib is not installed; no curves.png (pip install 'qkv[explain]')")
+        log.info("matplotlib is not installed; no curves.png (pip install 'qkv[train]')")
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "lr" in r]
@@ -89,10 +89,11 @@ def plot_curves(out: Path) -> Path | None:
             ax2 = ax.twinx()
             ax2.plot([r["step"] for r in evals], [r[extra[0]] for r in evals], "s-", color="tab:green", label=extra[0])
             ax2.set_ylabel(extra[0])
-            ax2.legend(loc="upper center")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
+    handles = [h for a in fig.axes for h in a.get_legend_handles_labels()[0]]
+    fig.axes[-1].legend(handles, [h.get_label() for h in handles], loc="center right")  # one legend, clear of
+    # the curves: losses fall to the bottom, accuracy rises to the top
     fig.tight_layout()
     target = out / "curves.png"
     fig.savefig(target, dpi=100)
