@@ -55,12 +55,18 @@ def _optimizer(model, cfg) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun. Each process
+    trains on GPU ``LOCAL_RANK`` when CUDA is available (nccl), else on the CPU (gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size(), device) if world > 1 else (0, 1, device)
 
 
 class _Interrupt:
@@ -92,13 +98,15 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
     ``max_steps`` stops early (for tests: a run "killed" at a known step) without
     changing the schedule, which always follows ``train.steps``.
     """
-    rank, world = _distributed()
+    rank, world, device = _distributed()
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, cfg.task, cfg.seed)
-    model = build_model(cfg, data)
+    model = build_model(cfg, data).to(device)
     optimizer = _optimizer(model, cfg)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     state = {"step": 0, "best": None, "bad_evals": 0, "history": []}
     ckpt = latest_checkpoint(out) if resume else None
@@ -108,6 +116,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
         meta, rng = load_checkpoint(ckpt, model, optimizer)
         state.update({k: meta[k] for k in ("step", "best", "bad_evals", "history") if k in meta})
         torch.set_rng_state(rng["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in rng:
+            torch.cuda.set_rng_state(rng["rng.cuda"], device)
         sampler.set_state(rng["rng.data"])
     t = cfg.train
     if rank == 0:
@@ -130,7 +140,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
             total, items = 0.0, 0
             for micro in range(t.accumulate):
                 batch = data.sample("train", per_step, sampler, cfg.data.block_size)
-                batch = {k: v[rank * t.batch_size : (rank + 1) * t.batch_size] for k, v in batch.items()}
+                batch = {k: v[rank * t.batch_size : (rank + 1) * t.batch_size].to(device) for k, v in batch.items()}
                 sync = nullcontext() if micro == t.accumulate - 1 or world == 1 else net.no_sync()
                 with sync, autocast:
                     loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing)
@@ -160,7 +170,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                     state["bad_evals"] += 1
                 stopped = bool(t.early_stop) and state["bad_evals"] >= t.early_stop
             if world > 1:
-                flags = torch.tensor([float(stopped), float(stop.hit)])
+                flags = torch.tensor([float(stopped), float(stop.hit)], device=device)
                 dist.broadcast(flags, 0)
                 stopped, interrupt = bool(flags[0]), bool(flags[1])
             else:
@@ -186,5 +196,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
 
 def _save(out, step, model, optimizer, sampler, state):
     rng = {"rng.torch": torch.get_rng_state(), "rng.data": sampler.get_state()}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        rng["rng.cuda"] = torch.cuda.get_rng_state(device)
     meta = {k: state[k] for k in ("best", "bad_evals", "history")}
     save_checkpoint(out, step, model, optimizer, rng, json.loads(json.dumps(meta)))

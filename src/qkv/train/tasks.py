@@ -131,8 +131,9 @@ def evaluate(task: str, model, data: Data, split: str, batch_size: int, block_si
     model.eval()
     total, n, correct, count = 0.0, 0, 0, 0
     try:
+        device = next(model.parameters()).device
         for batch in data.batches(split, batch_size, block_size, limit):
-            loss, stats = loss_and_stats(task, model, batch)
+            loss, stats = loss_and_stats(task, model, {k: v.to(device) for k, v in batch.items()})
             total += float(loss) * stats["count"]
             n += stats["count"]
             correct += stats["correct"]
