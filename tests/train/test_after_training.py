@@ -67,3 +67,13 @@ def test_digits_classify_png(tmp_path, capsys):
     assert right >= 14, (got, d.target[::-1][:20])
     x = model.preprocess(paths[:1])
     assert x.shape == (1, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_explain_image_refuses_models_without_a_class_token(tmp_path):
+    from qkv.explain import explain_image
+    from qkv.models import ViTConfig, VisionTransformer
+
+    model = VisionTransformer(ViTConfig(image_size=8, patch_size=2, channels=1, dim=16, n_layers=1, n_heads=2,
+                                        ffn_dim=32, pool="mean", num_labels=2))
+    with pytest.raises(ValueError, match="pool='mean'"):
+        explain_image(model, tmp_path / "x.png")

@@ -140,16 +140,20 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
 def explain_image(model, image, *, layers=None, heads=None, full: bool | None = None, topk: int = DEFAULT_TOPK,
                   name: str = "") -> Explanation:
     """Attention of a VisionTransformer over one image (path, PIL image or array)."""
+    c = model.config
+    if c.input != "image" or len(c.size) != 2 or c.pool != "cls":
+        raise ValueError(f"explain_image reads image ViTs with a class token; this model has input={c.input!r}, "
+                         f"pool={c.pool!r}, image_size={c.image_size}. For other inputs, run the model inside "
+                         "qkv.explain.capture(model) and read the maps")
     pixels = model.preprocess([image]).to(model.device)
-    size = model.config.size[0]
     with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
         model(pixels)
-    g = size // model.config.patch_size
-    tokens = ["[CLS]"] + [f"patch ({r}, {c})" for r in range(g) for c in range(g)]
+    rows, cols = c.grid_shape
+    tokens = ["[CLS]"] + [f"patch ({r}, {col})" for r in range(rows) for col in range(cols)]
     from ..models.vision import _load_image
 
-    shown = _load_image(image).resize((size, size))
-    return _finish("image", tokens, cap, model, name, grid=(g, g), image=shown)
+    shown = _load_image(image).resize((c.size[1], c.size[0]))
+    return _finish("image", tokens, cap, model, name, grid=(rows, cols), image=shown)
 
 
 def explain_audio(model, audio, sample_rate: int | None = None, *, layers=None, heads=None,
