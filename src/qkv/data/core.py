@@ -45,8 +45,7 @@ class Data:
             if tokens.numel() <= block_size + 1:
                 raise DataError(f"the {split} split has {tokens.numel()} tokens; block_size={block_size} needs more")
             starts = torch.randint(0, tokens.numel() - block_size - 1, (batch_size,), generator=generator)
-            win = torch.stack([tokens[s : s + block_size + 1] for s in starts.tolist()])
-            return {"input_ids": win[:, :-1], "labels": win[:, 1:]}
+            return _windows(tokens, starts, block_size)
         if split == "train" and self.fresh is not None:
             return self.fresh(batch_size, generator)
         idx = torch.randint(0, self.size(split), (batch_size,), generator=generator)
@@ -67,8 +66,7 @@ class Data:
                 stride = len(starts) / (limit * batch_size)
                 starts = [starts[int(i * stride)] for i in range(limit * batch_size)]
             for s in range(0, len(starts), batch_size):
-                win = torch.stack([tokens[t : t + block_size + 1] for t in starts[s : s + batch_size]])
-                yield {"input_ids": win[:, :-1], "labels": win[:, 1:]}
+                yield _windows(tokens, torch.tensor(starts[s : s + batch_size]), block_size)
             return
         size = self.size(split)
         for s in range(0, size, batch_size):
@@ -76,6 +74,12 @@ class Data:
             n += 1
             if limit and n >= limit:
                 return
+
+
+def _windows(tokens: torch.Tensor, starts: torch.Tensor, block_size: int) -> dict:
+    """Inputs and next-token labels of the windows ``tokens[s : s + block_size + 1]`` for each start."""
+    win = tokens[starts[:, None] + torch.arange(block_size + 1)]
+    return {"input_ids": win[:, :-1], "labels": win[:, 1:]}
 
 
 def split_rows(table: dict[str, torch.Tensor], val: float, test: float, seed: int) -> dict[str, dict]:

@@ -135,16 +135,15 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
 
 
 def _load_native(folder: Path, cfg: dict, *, device, dtype, backend):
+    from typing import get_type_hints
+
     from safetensors.torch import load_model
 
-    from .. import models
-
-    configs = {"text_encoder": models.TextEncoderConfig, "causal_lm": models.CausalLMConfig,
-               "seq2seq": models.Seq2SeqConfig, "vision": models.ViTConfig, "speech": models.WhisperConfig}
     family = cfg["qkv_family"]
-    if family not in configs:
-        raise ConversionError(f"{folder}/config.json: unknown qkv_family {family!r}; known: {sorted(configs)}")
-    model = FAMILIES[family](configs[family](**cfg["qkv_config"]))
+    if family not in FAMILIES:
+        raise ConversionError(f"{folder}/config.json: unknown qkv_family {family!r}; known: {sorted(FAMILIES)}")
+    config_class = get_type_hints(FAMILIES[family].__init__)["config"]
+    model = FAMILIES[family](config_class(**cfg["qkv_config"]))
     load_model(model, str(folder / "model.safetensors"), strict=True)
     return _attach(model.eval(), folder, family, model.config, device=device, dtype=dtype, backend=backend)
 

@@ -100,17 +100,16 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[dict, dict[str, torch
     return meta, rng
 
 
-FAMILY_OF = {"CausalLM": "causal_lm", "TextEncoder": "text_encoder", "Seq2Seq": "seq2seq",
-             "VisionTransformer": "vision", "SpeechRecognizer": "speech"}
-
-
 def save_pretrained(model, folder: Path, train_config: dict | None = None) -> None:
     """The model as a folder `qkv.load` reads: config.json, model.safetensors, tokenizer.json."""
+    from ..pretrained import FAMILIES
+
+    family = next(name for name, cls in FAMILIES.items() if type(model) is cls)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.safetensors.tmp"
     save_model(model, str(tmp))
     os.replace(tmp, folder / "model.safetensors")
-    config = {"qkv_family": FAMILY_OF[type(model).__name__], "qkv_config": dataclasses.asdict(model.config)}
+    config = {"qkv_family": family, "qkv_config": dataclasses.asdict(model.config)}
     if train_config is not None:
         config["qkv_train"] = train_config
     atomic_write_text(folder / "config.json", json.dumps(config, indent=2))

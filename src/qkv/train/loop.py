@@ -46,7 +46,8 @@ def lr_at(step: int, cfg) -> float:
 
 
 def _optimizer(model, cfg) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms, embeddings' positions of 1-D)."""
+    """AdamW with weight decay on parameters of two or more dimensions (matrices, embeddings), not on
+    biases and norm gains."""
     decay, no_decay = [], []
     for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
         (decay if p.dim() >= 2 else no_decay).append(p)
@@ -125,8 +126,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
         save_pretrained(model, out, cfg.to_dict())
     metric, mode = METRIC[cfg.task]
     per_step = t.batch_size * world  # examples (or windows) per optimizer step, over all processes
-    autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
-        if t.bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if t.bf16 else nullcontext()
     last_eval: dict = state["history"][-1] if state["history"] else {}
     interrupted = stopped = False
     bar = Progress(t.steps, start=state["step"], enabled=progress and rank == 0, out=out if rank == 0 else None)
