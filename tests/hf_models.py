@@ -1,6 +1,8 @@
 """Random-initialised Hugging Face models (no download) saved as folders, for parity tests."""
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,8 @@ import qkv  # noqa: E402
 
 T = transformers
 _ROOT = Path(tempfile.mkdtemp(prefix="qkv-hf-"))
+# The saved models are ~2 GB per process: remove them when the process exits (each xdist worker has its own).
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 # name -> (class, config kwargs). "tiny" configs exercise every option cheaply; "full" ones are real sizes.
 CONFIGS = {
