@@ -134,7 +134,9 @@ class _Run:
     def forward(self, q, k, v, bias):
         """Returns out (B, Hq, Tq, Dv), the kernels' raw lse (for backward) and the public lse (-inf on empty rows)."""
         B, Hq, Tq = q.shape[:3]
-        out = q.new_empty(B, Hq, Tq, v.shape[-1])
+        # (B, Tq, Hq, Dv) in memory, as the fused kernel lays out its own outputs: copying a band's result in
+        # is one contiguous block, and callers merging heads (out.transpose(1, 2).reshape) get a view, not a copy.
+        out = q.new_empty(B, Tq, Hq, v.shape[-1]).transpose(1, 2)
         lse = torch.full((B, Hq, Tq), NEG_INF, dtype=accumulation_dtype(q.dtype), device=q.device)
         flash = self.use_flash(q, v, bias)
         raw = torch.zeros_like(lse) if flash else lse
