@@ -10,6 +10,7 @@ import torch
 from reference import reference
 
 import qkv
+from qkv.backends import _native
 from qkv.backends._chunked import call_plan
 
 
@@ -21,7 +22,10 @@ from qkv.backends._chunked import call_plan
         (qkv.masks.causal() & qkv.masks.sliding_window(64), 513, 2, 1),  # ragged end, MQA
     ],
 )
-def test_band_plans_match_reference(mask, T, Hq, Hkv):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "fused-bands"])
+def test_band_plans_match_reference(mask, T, Hq, Hkv, native, monkeypatch):
+    if not native:  # the fused-kernel band path, used where the native kernel cannot be built
+        monkeypatch.setattr(_native, "supports", lambda *a: False)
     plan = call_plan(mask, 0, T, T, 2, Hq, torch.device("cpu"))
     assert plan.bands and sum(b.count * b.q_tile for b in plan.bands) > T // 2
     g = torch.Generator().manual_seed(0)

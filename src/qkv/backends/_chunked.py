@@ -6,6 +6,10 @@ custom autograd function that recomputes per tile from the saved output and
 log-sum-exp (as FlashAttention does, arXiv:2205.14135) and adds key/value
 gradients in place, so nothing the size of the score matrix is ever held.
 
+On the CPU, in float32/float64 without score_mod, bias or dropout, masks whose
+rows each see one key interval (causal, windows, documents, padding, prefix-LM,
+their intersections) run the whole forward pass in qkv's native kernel
+(`_native.py`): exact row bounds, no mask tensor, output written in place.
 The fused CPU flash kernel serves tiles when it can (float mask, no
 score_mod, no dropout, no bias gradient, D == Dv); otherwise `math_attention`
 runs per tile, recomputed under autograd in the backward pass.
@@ -30,6 +34,7 @@ from ._kernels import (
     scores,
     unit_stride,
 )
+from . import _native
 from ._plan import Band, Plan, Tile, plan_for
 
 _SCRATCH_BYTES = 32 << 20  # per chunk of scores or per-tile kernel buffers; bounds memory for long rows
@@ -133,6 +138,9 @@ class _Run:
 
     def forward(self, q, k, v, bias):
         """Returns out (B, Hq, Tq, Dv), the kernels' raw lse (for backward) and the public lse (-inf on empty rows)."""
+        native = self._native_forward(q, k, v, bias)
+        if native is not None:
+            return native
         B, Hq, Tq = q.shape[:3]
         # (B, Tq, Hq, Dv) in memory, as the fused kernel lays out its own outputs: copying a band's result in
         # is one contiguous block, and callers merging heads (out.transpose(1, 2).reshape) get a view, not a copy.
@@ -166,6 +174,22 @@ class _Run:
                 lse[:, :, t.r0 : t.r1] = l
         if covered < Tq:
             out[:, :, covered:] = 0
+        return out, raw, lse
+
+    def _native_forward(self, q, k, v, bias):
+        """The whole forward pass by the native interval kernel, where the call and the mask allow it."""
+        if self.score_mod is not None or self.dropout_p or bias is not None or not _native.supports(q, k, v):
+            return None
+        Tk = k.shape[2]
+        if self.mask is None:
+            lo = torch.zeros(1, self.q_pos.numel(), dtype=torch.int64, device=q.device)
+            iv = (lo, lo + Tk - 1)
+        else:
+            iv = self.mask._intervals(self.q_pos)
+        if iv is None:
+            return None
+        out, lse = _native.interval_attention(q, k, v, *iv, self.scale)
+        raw = lse.masked_fill(torch.isneginf(lse), 0.0)  # what the fused backward expects on rows that see no key
         return out, raw, lse
 
     def _bands(self, bias) -> tuple[Band, ...]:

@@ -1,0 +1,121 @@
+"""The native interval kernel (qkv/backends/_native.cpp) against the float64 reference."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import reference
+
+import qkv
+from qkv.backends import _native
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel: {_native.status()}")
+
+
+def test_builds_wherever_a_compiler_exists():
+    if shutil.which("c++") or shutil.which("g++"):
+        assert _native.status() == "ready"
+
+
+@st.composite
+def interval_masks(draw, B, n):
+    m = qkv.masks
+    kind = draw(st.sampled_from(["causal", "window", "padding", "prefix", "document", "and"]))
+    if kind == "causal":
+        return m.causal()
+    if kind == "window":
+        return m.sliding_window(draw(st.integers(1, 40)), draw(st.sampled_from([0, 0, 3])))
+    if kind == "padding":
+        return m.padding(draw(st.lists(st.integers(0, n), min_size=B, max_size=B)))
+    if kind == "prefix":
+        return m.prefix_lm(draw(st.integers(0, n)))
+    if kind == "document":
+        cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
+        return m.document(torch.tensor([sum(p >= c for c in cuts) for p in range(n)]))
+    return m.causal() & m.padding(draw(st.lists(st.integers(0, n), min_size=B, max_size=B)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_matches_reference(data):
+    d = data.draw
+    B, Hkv = d(st.integers(1, 2)), d(st.sampled_from([1, 2]))
+    Hq = Hkv * d(st.sampled_from([1, 2, 3]))
+    Tq, Tk = d(st.integers(1, 90)), d(st.integers(1, 90))
+    D, Dv = d(st.sampled_from([4, 16, 64])), d(st.sampled_from([4, 16, 24]))
+    q_offset = d(st.integers(-3, Tk + 3))
+    dtype = d(st.sampled_from([torch.float32, torch.float64]))
+    mask = d(interval_masks(B, max(Tq + max(q_offset, 0), Tk, 1)))
+    g = torch.Generator().manual_seed(d(st.integers(0, 2**31 - 1)))
+    q = torch.randn(B, Hq, Tq, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, Tk, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, Tk, Dv, generator=g, dtype=dtype)
+    lo, hi = mask._intervals(torch.arange(Tq) + q_offset)
+    out, lse = _native.interval_attention(q, k, v, lo, hi, 0.3)
+    ref, _, ref_lse = reference(q, k, v, mask=mask.materialize(Tq, Tk, batch=B, q_offset=q_offset),
+                                scale=0.3, q_offset=q_offset)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))  # rows that see no key: lse -inf, output 0
+    live = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[live], ref_lse[live], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("mask", [None, qkv.masks.sliding_window(700), qkv.masks.causal()])
+def test_rows_longer_than_one_chunk_and_strided_inputs(mask):
+    """More keys per row than one 512-key chunk (online softmax across chunks); q/k/v as views of (B, T, H, D)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 1300, 4, 32, generator=g).transpose(1, 2) for _ in range(3))
+    T = 1300
+    lo, hi = ((torch.zeros(1, T, dtype=torch.int64), torch.full((1, T), T - 1)) if mask is None
+              else mask._intervals(torch.arange(T)))
+    out, lse = _native.interval_attention(q, k, v, lo, hi, 32**-0.5)
+    ref, _, ref_lse = reference(q, k, v, mask=None if mask is None else mask.materialize(T, T))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T, H, D) in memory: merging heads is a view
+
+
+def test_chunked_backend_uses_it_and_backward_matches():
+    g = torch.Generator().manual_seed(2)
+    T, mask = 300, qkv.masks.sliding_window(50) & qkv.masks.padding([300, 170])
+    q = torch.randn(2, 4, T, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, T, 16, generator=g, requires_grad=True) for _ in range(2))
+    calls = []
+    real = _native.interval_attention
+    _native.interval_attention = lambda *a: calls.append(1) or real(*a)
+    try:
+        out = qkv.attention(q, k, v, mask=mask, backend="chunked")
+    finally:
+        _native.interval_attention = real
+    assert calls
+    go = torch.randn_like(out)
+    out.backward(go)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _, _ = reference(qr, kr, vr, mask=mask.materialize(T, T, batch=2))
+    ref.backward(go.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    for t, r in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_compiles_as_one_op():
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    lo, hi = qkv.masks.causal()._intervals(torch.arange(40))
+    f = torch.compile(lambda q, k, v: torch.ops.qkv.interval_attention(q, k, v, lo, hi, 0.5)[0], fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), _native.interval_attention(q, k, v, lo, hi, 0.5)[0])
+
+
+def test_can_be_switched_off():
+    code = ("import torch, qkv; from qkv.backends import _native; q = torch.randn(1, 2, 70, 8);"
+            "o = qkv.attention(q, q, q, mask=qkv.masks.sliding_window(9), backend='chunked');"
+            "r = qkv.attention(q, q, q, mask=qkv.masks.sliding_window(9), backend='eager');"
+            "print(_native.status(), bool(torch.allclose(o, r, atol=1e-5)))")
+    env = dict(os.environ, QKV_NATIVE="0")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert res.stdout.strip().splitlines()[-1] == "disabled by QKV_NATIVE=0 True"
