@@ -21,6 +21,20 @@ def tiles(q_tile, k_tile):
         _plan.Q_TILE, _plan.K_TILE = old
 
 
+@contextmanager
+def without_native(active=True):
+    """Run the chunked backend without the native interval kernel (its fused-kernel path), when `active`."""
+    from qkv.backends import _native
+
+    old = _native.supports
+    if active:
+        _native.supports = lambda *a: False
+    try:
+        yield
+    finally:
+        _native.supports = old
+
+
 def _bool_tensor(draw, shape, p_true=None):
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)

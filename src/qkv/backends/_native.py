@@ -79,18 +79,12 @@ def _build(cxx: str) -> Path:
 
 def _blas() -> tuple[int, int]:
     """Addresses of the BLAS sgemm_/dgemm_ that this torch build links (MKL or OpenBLAS)."""
-    lib_dir = Path(torch.__file__).parent / "lib"
-    names = ["libtorch_cpu.so", "libtorch_cpu.dylib"]
-    for name in names:
-        path = lib_dir / name
-        if path.exists():
-            lib = ctypes.CDLL(str(path))
-            try:
-                return (ctypes.cast(lib.sgemm_, ctypes.c_void_p).value,
-                        ctypes.cast(lib.dgemm_, ctypes.c_void_p).value)
-            except AttributeError:
-                break
-    raise RuntimeError("this torch build exports no BLAS sgemm_/dgemm_")
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        lib = ctypes.CDLL(str(path))
+        return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, ctypes.cast(lib.dgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        raise RuntimeError(f"this torch build exports no BLAS sgemm_/dgemm_ from {path.name}") from None
 
 
 def _load() -> dict:
@@ -145,7 +139,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """BLAS reads rows as (row stride >= features, unit feature stride) matrices."""
-    if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] and x.stride(0) >= 0 and x.stride(1) >= 0:
+    if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1]:
         return x
     return x.contiguous()
 
