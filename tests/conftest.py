@@ -11,3 +11,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("QKV_HYPOTHESIS", "default"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_report_header(config):
+    from browser import version
+
+    return f"browser for the HTML tests: {version()}"

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import time
 
 import pytest
@@ -14,7 +15,12 @@ import qkv.explain as X
 from qkv.cli import main
 
 EVIL = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "</script><script>alert(3)</script>",
-        "&lt;b&gt;", "\u2028", "{{7*7}}", "' onmouseover='alert(4)", "<!--", "]]>"]
+        "&lt;b&gt;", "{{7*7}}", "' onmouseover='alert(4)", "<!--", "]]>"]
+# Tokens real tokenizers emit that would otherwise be invisible, break lines or move text around them.
+INVISIBLE = ["\n", "\t", "\r\n", " ", "   ", "\u2028", "\u2029", "\u200b", "\u200d", "\u202e", "\u2066",
+             "\ufeff", "\x1b]8;;http://x\x07", "\u00a0", "", "\u0301", "\x00", "\u3164", "ab\u202ecd"]
+# code points that must never reach a token's visible form
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u00a0\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff\u3164]")
 
 
 def _explanation(tokens, full=True):
@@ -28,21 +34,42 @@ def _explanation(tokens, full=True):
 
 
 def test_user_strings_never_run_in_the_page(tmp_path):
-    tokens = ["[CLS]", *EVIL, "plain", "[SEP]"]
+    tokens = ["[CLS]", *EVIL, *INVISIBLE, "plain", "[SEP]"]
     path = tmp_path / "evil.html"
     html = X.render_html(_explanation(tokens), path)
     assert "<script>alert" not in html and "<img src=x" not in html  # nothing reaches markup raw
     with page() as pg:
+        why = pg.browser_version
         pg.goto(path.as_uri())
         pg.wait_for_load_state("load")
-        shown = pg.eval_on_selector_all("#tokens span", "els => els.map(e => e.textContent)")
-        assert shown == tokens  # displayed literally
-        for s in pg.query_selector_all("#tokens span")[:6]:
+        carried = pg.evaluate("JSON.parse(document.getElementById('qkv-data').textContent).tokens")
+        assert carried == tokens, why  # the data keeps every token's true text
+        shown = pg.eval_on_selector_all("#tokens span.tok", "els => els.map(e => e.textContent)")
+        assert shown == [X.tokens.shown(t) for t in tokens], why
+        assert shown[1:1 + len(EVIL)] == EVIL, why  # displayed literally
+        for t, s in zip(tokens, shown):
+            assert s.strip() and not _HIDDEN.search(s), (t, s, why)
+        spans = pg.query_selector_all("#tokens span.tok")
+        for i, s in enumerate(spans):
+            box = s.bounding_box()
+            assert box and box["width"] >= 4 and box["height"] >= 4, (tokens[i], box, why)
             s.hover()
             s.click()
-        assert pg.dialogs == [] and pg.errors == []
-        assert pg.evaluate("document.querySelectorAll('img[src=x]').length") == 0
-        assert pg.title().startswith("qkv explain")
+            assert "sel" in s.get_attribute("class"), (tokens[i], why)
+            assert shown[i] in pg.text_content("#selected"), (tokens[i], why)
+            assert s.get_attribute("title").endswith(f"position {i}"), why
+        assert pg.dialogs == [] and pg.errors == [], why
+        assert pg.evaluate("document.querySelectorAll('img[src=x]').length") == 0, why
+        assert pg.title().startswith("qkv explain"), why
+
+
+def test_page_opens_with_the_asked_token_selected(tmp_path):
+    path = tmp_path / "sel.html"
+    X.render_html(_explanation(["[CLS]", "the", "bank", "\n", "[SEP]"]), path, token="bank")
+    with page() as pg:
+        pg.goto(path.as_uri())
+        assert pg.eval_on_selector("#tokens span.tok.sel", "e => e.dataset.i") == "2", pg.browser_version
+        assert "bank" in pg.text_content("#selected") and pg.errors == [], pg.browser_version
 
 
 def test_clicking_a_token_lights_up_what_it_attends_to(tmp_path):
@@ -53,8 +80,8 @@ def test_clicking_a_token_lights_up_what_it_attends_to(tmp_path):
     X.render_html(ex, path)
     with page() as pg:
         pg.goto(path.as_uri())
-        spans = pg.query_selector_all("#tokens span")
-        shades = lambda: pg.eval_on_selector_all("#tokens span", "els => els.map(e => e.style.background)")  # noqa: E731
+        spans = pg.query_selector_all("#tokens span.tok")
+        shades = lambda: pg.eval_on_selector_all("#tokens span.tok", "els => els.map(e => e.style.background)")  # noqa: E731
         before = shades()
         spans[3].click()
         after = shades()
@@ -86,9 +113,9 @@ def test_long_input_page_is_small_and_fast(tmp_path):
         pg.goto(path.as_uri())
         pg.wait_for_load_state("load")
         loaded = time.perf_counter() - t0
-        assert pg.eval_on_selector_all("#tokens span", "els => els.length") == 4096
-        pg.query_selector_all("#tokens span")[4000].click()
-        assert pg.eval_on_selector_all("#tokens span", "els => els.filter(e => e.style.background).length") > 0
+        assert pg.eval_on_selector_all("#tokens span.tok", "els => els.length") == 4096
+        pg.query_selector_all("#tokens span.tok")[4000].click()
+        assert pg.eval_on_selector_all("#tokens span.tok", "els => els.filter(e => e.style.background).length") > 0
         assert pg.errors == []
     assert loaded < 3.0, loaded
 

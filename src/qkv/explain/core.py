@@ -25,16 +25,55 @@ class Explanation:
     spectrogram: object = None  # audio: (n_mels, frames) log-mel features the model saw
     frame_seconds: float = 0.0  # audio: seconds per encoder position
     notes: list[str] = field(default_factory=list)
+    texts: list[str] | None = None  # text: what each token stands for (decoded); None: the tokens themselves
 
     @property
     def length(self) -> int:
         return len(self.tokens)
 
+    def text(self, i: int) -> str:
+        """What position ``i`` stands for: the decoded token text (``tokens[i]`` when not decoded)."""
+        return self.tokens[i] if self.texts is None else self.texts[i]
+
     def layer(self, index: int) -> AttentionMaps:
+        """The maps of layer ``index`` (negative counts from the last captured layer's end)."""
+        return self._maps(self.resolve_layer(index))
+
+    def _maps(self, index: int) -> AttentionMaps:
         for m in self.maps:
-            if m.layer == index % max(1, self._n_layers()):
+            if m.layer == index:
                 return m
         raise ValueError(f"layer {index} was not captured; captured: {[m.layer for m in self.maps]}")
+
+    def resolve_layer(self, layer: int | str | None) -> int | str | None:
+        """``layer`` checked and made non-negative (``None`` and ``"rollout"`` pass through)."""
+        if layer is None or layer == "rollout":
+            return layer
+        if isinstance(layer, str) and layer.lstrip("-").isdigit():
+            layer = int(layer)
+        n = self._n_layers()
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+            raise ValueError(f"layer={layer!r} is out of range: the explanation has layers 0..{n - 1} "
+                             "(negative counts from the end), or use 'rollout'")
+        index = layer % n
+        if index not in [m.layer for m in self.maps]:
+            raise ValueError(f"layer {index} was not captured; captured: {[m.layer for m in self.maps]}; "
+                             "capture it with layers=[...] (--layers)")
+        return index
+
+    def resolve_head(self, head: int | None) -> int | None:
+        """``head`` checked and made non-negative (``None``, the mean of heads, passes through)."""
+        if head is None:
+            return None
+        n = self.n_heads or max((max(m.heads, default=-1) + 1 for m in self.maps), default=0)
+        if isinstance(head, bool) or not isinstance(head, int) or not -n <= head < n:
+            raise ValueError(f"head={head!r} is out of range: the model has {n} heads (0..{n - 1}); "
+                             "leave it out for the mean of heads")
+        index = head % n
+        kept = sorted({h for m in self.maps for h in m.heads})
+        if index not in kept:
+            raise ValueError(f"head {index} was not captured; captured: {kept}")
+        return index
 
     def _n_layers(self) -> int:
         return max((m.layer for m in self.maps), default=-1) + 1
@@ -48,14 +87,15 @@ class Explanation:
             n = min(k, self.rollout.shape[-1])
             val, idx = self.rollout.topk(n, dim=-1)
             return val, idx
-        m = self.maps[-1] if layer is None else self.layer(int(layer))
-        return m.topk(head, k)
+        m = self.maps[-1] if layer is None else self.layer(layer)
+        return m.topk(self.resolve_head(head), k)
 
     def row(self, i: int, layer: int | str | None = None, head: int | None = None) -> torch.Tensor:
         """Dense attention (T,) of query ``i`` over all keys for one view."""
         if layer == "rollout":
             return self.rollout[i]
-        m = self.maps[-1] if layer is None else self.layer(int(layer))
+        m = self.maps[-1] if layer is None else self.layer(layer)
+        head = self.resolve_head(head)
         if head is None and m.mean is not None:
             return m.mean[i]
         if head is not None and m.dense is not None:
@@ -72,11 +112,12 @@ class Explanation:
     def to_dict(self, layer: int | None = None, head: int | None = None, include_rollout: bool = True) -> dict:
         """JSON-ready: tokens, and per captured layer the weights of each head (full matrices when
         captured in full, else top-k values and key indices), filtered by ``layer`` / ``head``."""
+        layer, head = self.resolve_layer(layer), self.resolve_head(head)
         layers = []
         for m in self.maps:
-            if layer is not None and m.layer != layer % max(1, self._n_layers()):
+            if layer is not None and m.layer != layer:
                 continue
-            heads = m.heads if head is None else [head % self.n_heads]
+            heads = m.heads if head is None else [head]
             entry: dict = {"layer": m.layer, "heads": heads}
             if m.dense is not None:
                 entry["weights"] = [m.head(h).tolist() for h in heads]
@@ -117,8 +158,10 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
         enc = tok.encode_batch([text], max_length=getattr(model.config, "max_length", None), device=model.device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         tokens = [tok.tok.id_to_token(i) or "" for i in ids[0].tolist()]
+        texts = tok.token_texts(ids[0].tolist())
     else:
         raw, tokens = _fallback_ids(text, model.config.vocab_size)
+        texts = None
         ids = torch.tensor([raw], device=model.device)
         mask = torch.ones_like(ids)
         notes.append("the model has no tokenizer: words were mapped to ids by hash")
@@ -132,7 +175,7 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
             model(ids, mask)
         else:
             model(ids, mask, last_only=True)
-    result = _finish("text", tokens, cap, model, name)
+    result = _finish("text", tokens, cap, model, name, texts=texts)
     result.notes += notes
     return result
 

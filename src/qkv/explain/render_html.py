@@ -8,6 +8,10 @@ so the page stays small and responsive at thousands of tokens.
 Safety: no user string is ever written into markup. All data (token texts,
 titles) sits in one ``application/json`` block with ``<``, ``>``, ``&`` and the
 line separators escaped, and the page script inserts it with ``textContent``.
+Tokens are drawn from their visible form (`qkv.explain.tokens`: newlines,
+tabs, controls, zero-width and bidirectional characters as stand-ins, in their
+own style), each isolated from its neighbours' text direction; the true token
+text travels beside it (``tokens``) and shows on hover.
 """
 
 from __future__ import annotations
@@ -20,15 +24,30 @@ from pathlib import Path
 import numpy as np
 
 from .core import Explanation
+from .render import find_token
+from .tokens import pieces
 
 
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def _display(tokens: list[str]) -> list[str]:
-    """Readable token text: byte-level BPE's space marker shown as a space."""
-    return [t.replace("\u0120", " ").replace("\u010a", "\\n") for t in tokens]
+def _shown(ex: Explanation) -> list:
+    """Each position's visible form: a string, or for a token with stand-ins a list of runs that
+    alternate plain text (even places) and stand-ins (odd places), e.g. ``["", "⏎"]``."""
+    out = []
+    for i in range(ex.length):
+        runs = pieces(ex.text(i))
+        if len(runs) == 1 and not runs[0][1]:
+            out.append(runs[0][0])
+            continue
+        flat: list[str] = []
+        for run, stand_in in runs:
+            if stand_in != (len(flat) % 2 == 1):
+                flat.append("")
+            flat.append(run)
+        out.append(flat)
+    return out
 
 
 def _views(ex: Explanation, k: int) -> list[dict]:
@@ -70,11 +89,13 @@ def _spectrogram_image(spec: np.ndarray):
     return Image.fromarray((x * 255).astype(np.uint8))
 
 
-def page_data(ex: Explanation, k: int | None = None) -> dict:
+def page_data(ex: Explanation, k: int | None = None, token: int | str | None = None) -> dict:
+    """What the page carries; ``token`` (an index or a token's text) is the position shown selected."""
     k = k or (16 if ex.length <= 1024 else 8)
     data = {
-        "kind": ex.kind, "title": f"{ex.model} · {ex.kind} · {ex.length} positions", "tokens": _display(ex.tokens),
+        "kind": ex.kind, "title": f"{ex.model} · {ex.kind} · {ex.length} positions", "tokens": ex.tokens, "shown": _shown(ex),
         "k": k, "idxBytes": 2 if ex.length < 65535 else 4, "views": _views(ex, k), "notes": ex.notes,
+        "selected": (0 if ex.kind == "image" else min(1, ex.length - 1)) if token is None else find_token(ex, token),
     }
     if ex.kind == "image":
         data["grid"] = list(ex.grid)
@@ -92,9 +113,11 @@ def safe_json(obj) -> str:
     return text
 
 
-def render_html(ex: Explanation, path: str | Path | None = None, k: int | None = None) -> str:
-    """The page as a string; written to ``path`` when given."""
-    html = _TEMPLATE.replace("/*DATA*/", safe_json(page_data(ex, k)))
+def render_html(ex: Explanation, path: str | Path | None = None, k: int | None = None,
+                token: int | str | None = None) -> str:
+    """The page as a string; written to ``path`` when given. ``k``: keys kept per query (default 16,
+    8 beyond 1,024 positions); ``token``: the position selected when the page opens (see `find_token`)."""
+    html = _TEMPLATE.replace("/*DATA*/", safe_json(page_data(ex, k, token)))
     if path is not None:
         Path(path).write_text(html, encoding="utf-8")
     return html
@@ -111,14 +134,15 @@ header h1{font-size:15px;margin:0 10px 0 0;font-weight:600}
 main{display:flex;gap:16px;padding:14px}
 #view{flex:1;min-width:0;overflow-x:auto}
 #side{width:280px;flex:none;font-size:13px}
-#tokens span{cursor:pointer;border-radius:3px;padding:1px 1px;white-space:pre-wrap}
-#tokens span.sel{outline:2px solid #1565c0}
-#tokens span.special{color:#888}
+#tokens span.tok{cursor:pointer;border-radius:3px;padding:1px 1px;white-space:pre;unicode-bidi:isolate;display:inline-block;min-width:.5em}
+span.ws{color:#8a5a00;font-style:italic;font-size:90%}
+#tokens span.tok.sel{outline:2px solid #1565c0}
+#tokens span.tok.special{color:#888}
 #stage{position:relative;display:inline-block}
 #stage img{display:block;image-rendering:pixelated}
 #overlay{position:absolute;left:0;top:0;cursor:crosshair}
 #list div{display:flex;justify-content:space-between;border-bottom:1px solid #eee;padding:2px 0}
-#list span.t{overflow:hidden;text-overflow:ellipsis;white-space:nowrap;max-width:190px}
+#list span.t{overflow:hidden;text-overflow:ellipsis;white-space:pre;max-width:190px;unicode-bidi:isolate}
 #hint{color:#666}
 </style></head><body>
 <header><h1 id="title"></h1>
@@ -159,6 +183,15 @@ function inverse(d) {  // for each key: the queries that keep it in their top-k
   return d.inv;
 }
 
+// a position's visible form: plain runs as text, stand-ins (newline, tab, controls...) in their own style
+function fillShown(el, i) {
+  const v = D.shown[i];
+  if (typeof v === "string") { el.textContent = v; return; }
+  v.forEach((run, r) => { if (!run) return; if (r % 2) { const w = document.createElement("span"); w.className = "ws"; w.textContent = run; el.appendChild(w); } else el.appendChild(document.createTextNode(run)); });
+}
+// a token's true text, quoted, with invisible and direction-changing code points escaped
+function quoted(t) { return JSON.stringify(t).replace(/[\u007f-\u009f\u00ad\u061c\u115f\u1160\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ufeff\ufff0-\ufffb\ud800-\udfff]/g, c => "\\u" + c.charCodeAt(0).toString(16).padStart(4, "0")); }
+
 // views: one per (layer, head) plus rollout
 const layerSel = document.getElementById("layer"), headSel = document.getElementById("head");
 const layers = [];
@@ -178,8 +211,12 @@ let drawCells = null;
 const viewEl = document.getElementById("view");
 if (D.kind === "text") {
   const box = document.createElement("div"); box.id = "tokens"; viewEl.appendChild(box);
-  D.tokens.forEach((t, i) => { const s = document.createElement("span"); s.textContent = t; s.dataset.i = String(i); if (/^[\[<].*[\]>]$/.test(t)) s.className = "special"; box.appendChild(s); box.appendChild(document.createTextNode(" ")); cells.push(s); });
-  box.addEventListener("click", e => { const i = e.target.dataset && e.target.dataset.i; if (i !== undefined) select(+i); });
+  D.tokens.forEach((t, i) => {
+    const s = document.createElement("span"); s.className = /^[\[<].*[\]>]$/.test(t) ? "tok special" : "tok";
+    fillShown(s, i); s.dataset.i = String(i); s.title = quoted(t) + " · position " + i;
+    box.appendChild(s); box.appendChild(document.createTextNode(" ")); cells.push(s);
+  });
+  box.addEventListener("click", e => { const s = e.target.closest && e.target.closest("span.tok"); if (s) select(+s.dataset.i); });
 } else {
   // images and audio: a canvas over the picture; cells are computed from the click position
   const stage = document.createElement("div"); stage.id = "stage"; viewEl.appendChild(stage);
@@ -188,7 +225,7 @@ if (D.kind === "text") {
   const first = D.kind === "image" ? 1 : 0;
   const rows = D.kind === "image" ? D.grid[0] : 1, cols = D.kind === "image" ? D.grid[1] : N;
   if (D.kind === "image") {
-    const cls = document.createElement("button"); cls.textContent = D.tokens[0];
+    const cls = document.createElement("button"); fillShown(cls, 0);
     cls.addEventListener("click", () => select(0)); viewEl.insertBefore(cls, stage);
   }
   const size = () => [canvas.width / cols, canvas.height / rows];
@@ -224,13 +261,15 @@ function paint(pairs) {
   const list = document.getElementById("list"); list.textContent = "";
   pairs.slice().sort((a, b) => b[1] - a[1]).slice(0, 20).forEach(([j, w]) => {
     const row = document.createElement("div"), t = document.createElement("span"), v = document.createElement("span");
-    t.className = "t"; t.textContent = D.tokens[j]; v.textContent = w.toFixed(4); row.appendChild(t); row.appendChild(v); list.appendChild(row);
+    t.className = "t"; fillShown(t, j); t.title = quoted(D.tokens[j]); v.textContent = w.toFixed(4); row.appendChild(t); row.appendChild(v); list.appendChild(row);
   });
 }
 function select(i) {
   if (selected >= 0 && cells[selected]) cells[selected].classList.remove("sel");
   selected = i; if (cells[i]) cells[i].classList.add("sel");
-  document.getElementById("selected").textContent = (direction() === "to" ? "what " : "what attends to ") + JSON.stringify(D.tokens[i]) + (direction() === "to" ? " attends to" : "");
+  const head = document.getElementById("selected"); head.textContent = direction() === "to" ? "what " : "what attends to ";
+  const name = document.createElement("b"); name.style.unicodeBidi = "isolate"; name.style.whiteSpace = "pre"; fillShown(name, i); name.title = quoted(D.tokens[i]);
+  head.appendChild(name); head.appendChild(document.createTextNode(" (position " + i + ")" + (direction() === "to" ? " attends to" : "")));
   const d = data(+headSel.value), pairs = [];
   if (direction() === "to") {
     for (let r = 0; r < K; r++) { const j = d.idx[i * K + r]; if (j < N) pairs.push([j, d.val[i * K + r] * d.scale]); }
@@ -242,6 +281,6 @@ function select(i) {
 layerSel.addEventListener("change", () => { fillHeads(); if (selected >= 0) select(selected); });
 headSel.addEventListener("change", () => { if (selected >= 0) select(selected); });
 document.querySelectorAll('input[name="dir"]').forEach(r => r.addEventListener("change", () => { if (selected >= 0) select(selected); }));
-select(D.kind === "image" ? 0 : Math.min(1, N - 1));
+select(D.selected);
 </script></body></html>
 """

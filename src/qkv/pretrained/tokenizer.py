@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as _Tok
+
+
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the other 68 for
+    the code points from U+0100 on, in byte order (Radford et al. 2019)."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {chr(b): b for b in keep}
+    for n, b in enumerate(b for b in range(256) if b not in table.values()):
+        table[chr(0x100 + n)] = b
+    return table
+
+
+def _is_byte_level(tok: _Tok) -> bool:
+    try:
+        spec = json.loads(tok.to_str()).get("decoder") or {}
+    except (ValueError, TypeError):
+        return False
+    parts = spec.get("decoders", [spec]) if spec.get("type") == "Sequence" else [spec]
+    return any(p.get("type") == "ByteLevel" for p in parts if isinstance(p, dict))
 
 
 class Tokenizer:
@@ -24,6 +45,7 @@ class Tokenizer:
         self.tok.no_padding()
         self.tok.no_truncation()
         self.max_length = max_length
+        self._byte_level: bool | None = None  # decided on first use by token_texts
         self.pad_token, self.eos_token, self.bos_token = pad_token, eos_token, bos_token
 
     @classmethod
@@ -84,6 +106,23 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """The text each token stands for: byte-level BPE pieces as the bytes they encode (``Ġbank`` is
+        `` bank``; a byte that is not valid UTF-8 on its own is kept with ``errors="surrogateescape"``),
+        SentencePiece's ``▁`` as a space, byte-fallback tokens (``<0x0A>``) as their byte; special
+        tokens as written."""
+        ids = [int(i) for i in ids]
+        raw = [self.tok.id_to_token(i) or "" for i in ids]
+        if self._byte_level is None:
+            self._byte_level = _is_byte_level(self.tok)
+        if self._byte_level:
+            table = _byte_level_table()
+            return [bytes(table[c] for c in t).decode("utf-8", "surrogateescape") if all(c in table for c in t)
+                    else t for t in raw]
+        decoded = self.tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        # decoders strip a leading space from the first token of a text; a lone space piece decodes to ""
+        return [d if d.strip() or not t else t.replace("\u2581", " ") for d, t in zip(decoded, raw)]
 
     def _encode(self, texts: Sequence[str], limit: int | None, add_special_tokens: bool = True):
         if isinstance(texts, str):
