@@ -9,6 +9,8 @@ import sys
 
 import qkv
 
+from ._args import Parser, UsageError, input_file, int_list, integer, number, output_file, report
+
 
 def _cmd_bench(args) -> int:
     from . import bench
@@ -64,16 +66,20 @@ def _cmd_backends(args) -> int:
 def _texts(args) -> list[str]:
     texts = list(args.text)
     if args.file:
-        with open(args.file, encoding="utf-8") as f:
-            texts += [line.rstrip("\n") for line in f if line.strip()]
+        path = input_file(args.file, "--file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--file {args.file}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not texts:
         raise SystemExit("give at least one text (or --file with one text per line)")
     return texts
 
 
 def _cmd_embed(args) -> int:
-    model = qkv.load(args.model)
     texts = _texts(args)
+    model = _model_that(args, "embed", "embed sentences (give a sentence encoder such as all-MiniLM-L6-v2)")
     vectors = model.embed(texts, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({"model": args.model, "dim": vectors.shape[1], "texts": texts,
@@ -81,23 +87,20 @@ def _cmd_embed(args) -> int:
         return 0
     for t, v in zip(texts, vectors):
         head = " ".join(f"{x:+.4f}" for x in v[:6].tolist())
-        print(f"{head} ... ({vectors.shape[1]} dims)  {t[:60]}")
+        print(f"{head} ... ({vectors.shape[1]} dims)  {_safe(t[:60])}")
     return 0
 
 
 def _model_that(args, method: str, does: str):
-    """``qkv.load(args.model)`` if it has ``method``; otherwise None, after saying so."""
+    """``qkv.load(args.model)``, refused with a message unless it has ``method``."""
     model = qkv.load(args.model)
     if not hasattr(model, method):
-        print(f"{args.model} is a {type(model).__name__}, which does not {does}", file=sys.stderr)
-        return None
+        raise ValueError(f"{args.model} is a {type(model).__name__}, which does not {does}")
     return model
 
 
 def _cmd_classify(args) -> int:
     model = _model_that(args, "classify", "classify")
-    if model is None:
-        return 2
     inputs = _texts(args)
     results = model.classify(inputs)
     rows = []
@@ -110,14 +113,12 @@ def _cmd_classify(args) -> int:
     else:
         for row in rows:
             rest = ", ".join(f"{k} {v:.3f}" for k, v in row["top"][1:])
-            print(f"{row['label']}  {row['score']:.3f}  {str(row['input'])[:60]}" + (f"  ({rest})" if rest else ""))
+            print(_safe(f"{row['label']}  {row['score']:.3f}  {str(row['input'])[:60]}" + (f"  ({rest})" if rest else "")))
     return 0
 
 
 def _cmd_generate(args) -> int:
     model = _model_that(args, "generate", "generate text")
-    if model is None:
-        return 2
     prompts = _texts(args)
     out = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample or args.temperature != 1.0
                          or args.top_k is not None or args.top_p is not None, temperature=args.temperature,
@@ -126,21 +127,20 @@ def _cmd_generate(args) -> int:
         print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, out)]))
     else:
         for p, c in zip(prompts, out):
-            print(p + c if type(model).__name__ == "CausalLM" else c)
+            print(_safe(p + c if type(model).__name__ == "CausalLM" else c))
     return 0
 
 
 def _cmd_transcribe(args) -> int:
-    model = qkv.load(args.model)
-    if not hasattr(model, "transcribe"):
-        print(f"{args.model} is a {type(model).__name__}, not a speech recognizer", file=sys.stderr)
-        return 2
+    for path in args.files:
+        input_file(path, "audio file")
+    model = _model_that(args, "transcribe", "transcribe speech (give a speech recognizer such as whisper-tiny.en)")
     rows = []
     for path in args.files:
         text, seconds = model.transcribe(path, return_timing=True, max_new_tokens=args.max_new_tokens)
         rows.append({"file": path, "text": text, "seconds": round(seconds, 3)})
         if not args.json:
-            print(f"{path}\t{text}")
+            print(_safe(f"{path}\t{text}"))
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
@@ -152,41 +152,48 @@ def _cmd_explain(args) -> int:
     from .. import explain as X
 
     start = time.perf_counter()
-    layer = "rollout" if args.rollout else (None if args.layer is None else int(args.layer))
+    layer = "rollout" if args.rollout else args.layer
+    output_file(args.html, "--html", ".html")
+    output_file(args.png, "--png", ".png")
     capture = dict(topk=args.topk, full=True if args.full else None)
     if args.layers:
-        capture["layers"] = [int(x) for x in args.layers.split(",")]
+        capture["layers"] = args.layers
     if args.image:
+        input_file(args.image, "--image")
         if not args.model:
             raise ValueError("--image needs --model: a ViT folder (config.json + model.safetensors)")
         model = qkv.load(args.model)
         ex = X.explain_image(model, args.image, name=args.model, **capture)
     elif args.audio:
+        input_file(args.audio, "--audio")
         name = args.model or "whisper-tiny.en"
         ex = X.explain_audio(qkv.load(name), args.audio, name=name, **capture)
     else:
         texts = _texts(args)
         name = args.model or "all-MiniLM-L6-v2"
         ex = X.explain_text(qkv.load(name), " ".join(texts), name=name, **capture)
+    layer, head = ex.resolve_layer(layer), ex.resolve_head(args.head)  # out-of-range values are refused here
+    if args.token is not None:
+        X.find_token(ex, args.token)  # a token that is not there is refused, whatever the output
     if args.html:
-        X.render_html(ex, args.html)
+        X.render_html(ex, args.html, token=args.token if ex.kind == "text" else None)
     if args.png:
-        X.png(ex, args.png, token=args.token, layer=layer, head=args.head)
+        X.png(ex, args.png, token=args.token, layer=layer, head=head)
     if args.json:
-        data = ex.to_dict(layer=None if layer in (None, "rollout") else layer, head=args.head,
+        data = ex.to_dict(layer=None if layer in (None, "rollout") else layer, head=head,
                           include_rollout=args.rollout)
         data["seconds"] = round(time.perf_counter() - start, 3)
         print(json.dumps(data))
         return 0
     if ex.kind == "text" and ex.length <= 2048:
-        X.terminal(ex, token=args.token, layer=layer, head=args.head)
+        X.terminal(ex, token=args.token, layer=layer, head=head)
     else:
-        print(f"{ex.model}: {ex.kind}, {ex.length} positions, {len(ex.maps)} layers captured")
+        print(_safe(f"{ex.model}: {ex.kind}, {ex.length} positions, {len(ex.maps)} layers captured"))
     for note in ex.notes:
-        print(f"note: {note}")
+        print(_safe(f"note: {note}"))
     for what, path in (("html", args.html), ("png", args.png)):
         if path:
-            print(f"wrote {what}: {path}")
+            print(_safe(f"wrote {what}: {path}"))
     return 0
 
 
@@ -218,15 +225,15 @@ def _cmd_evaluate(args) -> int:
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{folder}: no config.json; give a training output folder (qkv train's `out`)")
-    saved = json.loads(cfg_file.read_text())
+    from ..pretrained import load_file, read_json
+
+    saved = read_json(cfg_file)
     if "qkv_train" not in saved:
         raise ValueError(f"{folder} was not written by qkv train: no training config to rebuild its data from")
     cfg: TrainConfig = load_config(None, args.set or [], base=saved["qkv_train"])
     model = qkv.load(folder)
     if Path(args.checkpoint) != folder:
-        from safetensors.torch import load_model
-
-        load_model(model, str(Path(args.checkpoint) / "model.safetensors"), strict=True)
+        model.load_state_dict(load_file(Path(args.checkpoint) / "model.safetensors"), strict=True)
     data = load_data(cfg.data, cfg.task, cfg.seed)
     result = {split: evaluate(cfg.task, model, data, split, cfg.train.batch_size, cfg.data.block_size, 0)
               for split in args.split}
@@ -268,7 +275,7 @@ def _inputs(parser, text_help: str, one: str, model_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qkv", description="Self-attention for PyTorch: attention core, models, tools.")
+    p = Parser(prog="qkv", description="Self-attention for PyTorch: attention core, models, tools.")
     p.add_argument("--version", action="version", version=f"qkv {qkv.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -279,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "media: transcription and ViT; train: GPT-2-style training steps; the last three against "
                         "the reference libraries")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
-    b.add_argument("--repeat", type=int, default=None, help="timed repetitions per case (median is reported)")
+    b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     b.add_argument("--markdown", action="store_true", help="print Markdown tables (for BENCHMARKS.md)")
@@ -290,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("text", nargs="*", help="texts to embed")
     em.add_argument("--file", help="a text file with one text per line")
     em.add_argument("--model", default="all-MiniLM-L6-v2", help="registered name or model folder")
-    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--batch-size", type=integer(1, 65536), default=32, help="texts per forward pass")
     em.add_argument("--json", action="store_true", help="print the vectors as JSON")
     em.set_defaults(func=_cmd_embed)
 
@@ -298,26 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Classify with a trained text classifier or ViT (images, or audio/signal models "
                                     "trained by qkv train).")
     _inputs(cl, "texts, or image / audio file paths", "input", "model folder (e.g. a qkv train output folder)")
-    cl.add_argument("--top", type=int, default=3, help="labels shown per input")
+    cl.add_argument("--top", type=integer(1), default=3, help="labels shown per input")
     cl.add_argument("--json", action="store_true")
     cl.set_defaults(func=_cmd_classify)
 
     ge = sub.add_parser("generate", help="continue a prompt with a language model",
                         description="Generate text with a causal or encoder-decoder model (KV-cached decoding).")
     _inputs(ge, "prompts", "prompt", "model folder (config.json, model.safetensors, tokenizer.json)")
-    ge.add_argument("--max-new-tokens", type=int, default=32)
+    ge.add_argument("--max-new-tokens", type=integer(0, 1_000_000), default=32)
     ge.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    ge.add_argument("--temperature", type=float, default=1.0)
-    ge.add_argument("--top-k", type=int, default=None)
-    ge.add_argument("--top-p", type=float, default=None)
-    ge.add_argument("--seed", type=int, default=None)
+    ge.add_argument("--temperature", type=number(0, 100, low_open=True), default=1.0)
+    ge.add_argument("--top-k", type=integer(1), default=None)
+    ge.add_argument("--top-p", type=number(0, 1, low_open=True), default=None)
+    ge.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
     ge.add_argument("--json", action="store_true", help="print prompts and completions as JSON")
     ge.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("transcribe", help="speech to text", description="Transcribe English speech (WAV, FLAC, ...).")
     tr.add_argument("files", nargs="+", help="audio files")
     tr.add_argument("--model", default="whisper-tiny.en", help="registered name or model folder")
-    tr.add_argument("--max-new-tokens", type=int, default=None, help="tokens per 30 s window (default: as many as fit)")
+    tr.add_argument("--max-new-tokens", type=integer(1, 1_000_000), default=None, help="tokens per 30 s window (default: as many as fit)")
     tr.add_argument("--json", action="store_true", help="print text and timing per file as JSON")
     tr.set_defaults(func=_cmd_transcribe)
 
@@ -329,12 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None, help="registered name or model folder (text default: all-MiniLM-L6-v2)")
     ex.add_argument("--image", help="an image file (with a ViT --model)")
     ex.add_argument("--audio", help="an audio file (default model: whisper-tiny.en)")
-    ex.add_argument("--layer", default=None, help="layer to show (default: the last)")
-    ex.add_argument("--layers", default=None, help="comma-separated layers to capture (default: all)")
-    ex.add_argument("--head", type=int, default=None, help="head to show (default: the mean of heads)")
+    ex.add_argument("--layer", type=integer(), default=None, help="layer to show (default: the last; -1 counts "
+                    "from the end)")
+    ex.add_argument("--layers", type=int_list, default=None, help="comma-separated layers to capture (default: all)")
+    ex.add_argument("--head", type=integer(), default=None, help="head to show (default: the mean of heads)")
     ex.add_argument("--rollout", action="store_true", help="show attention rollout (Abnar and Zuidema, 2020)")
     ex.add_argument("--token", default=None, help="the token (text or index) whose attention the terminal/PNG shows")
-    ex.add_argument("--topk", type=int, default=16, help="keys kept per query when inputs are long")
+    ex.add_argument("--topk", type=integer(1, 65536), default=16, help="keys kept per query when inputs are long")
     ex.add_argument("--full", action="store_true", help="keep full matrices even for long inputs")
     ex.add_argument("--html", help="write a self-contained HTML page here")
     ex.add_argument("--png", help="write a PNG heatmap here")
@@ -371,23 +379,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _safe(text: str) -> str:
+    """Text for the terminal: controls that could drive it (escape sequences) shown as visible stand-ins."""
+    from ..explain.tokens import terminal_safe
+
+    return terminal_safe(text)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the `qkv` command; returns its exit status (0 ok, 2 an error the message explains, 130 interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        if not as_json:
+            print(getattr(e, "usage", parser.format_usage()), end="", file=sys.stderr)
+        return report(next((a for a in argv if not a.startswith("-")), None), e, as_json)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    as_json = bool(getattr(args, "json", False))
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (FileNotFoundError, ValueError, ImportError) as e:  # ConfigError and DataError are ValueErrors
-        print(f"qkv {args.command}: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # e.g. an unreadable audio file (soundfile's LibsndfileError)
-        print(f"qkv {args.command}: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"qkv {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, ImportError, RuntimeError, OSError, KeyError) as e:
+        # ConfigError, DataError and ConversionError are ValueErrors; soundfile's errors are RuntimeErrors
+        if os.environ.get("QKV_DEBUG"):
+            raise
+        return report(args.command, e, as_json)
+    except Exception as e:  # noqa: BLE001 -- a bug of ours: one line, and how to see the traceback
+        if os.environ.get("QKV_DEBUG"):
+            raise
+        return report(args.command, e, as_json, f"internal error ({type(e).__name__}: {e}); run again with "
+                      "QKV_DEBUG=1 for the traceback and report it")
 
 
 if __name__ == "__main__":

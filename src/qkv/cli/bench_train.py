@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import qkv
 
-from .bench import _render, interleaved
+from .bench import interleaved
 
 SHAPE = dict(n_layer=6, n_head=6, n_embd=384, n_positions=256, vocab_size=65)
 

@@ -152,6 +152,9 @@ def _fallback_ids(text: str, vocab_size: int) -> tuple[list[int], list[str]]:
 def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                  full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "") -> Explanation:
     """Attention of a text model (TextEncoder, CausalLM, or a Seq2Seq encoder) over ``text``."""
+    if not hasattr(getattr(model, "config", None), "vocab_size") or not hasattr(model, "tokens"):
+        raise ValueError(f"explain_text reads text models (TextEncoder, CausalLM, Seq2Seq); this is a "
+                         f"{type(model).__name__}: use explain_image or explain_audio (--image / --audio)")
     notes = []
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
@@ -183,7 +186,10 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
 def explain_image(model, image, *, layers=None, heads=None, full: bool | None = None, topk: int = DEFAULT_TOPK,
                   name: str = "") -> Explanation:
     """Attention of a VisionTransformer over one image (path, PIL image or array)."""
-    c = model.config
+    c = getattr(model, "config", None)
+    if not hasattr(model, "preprocess") or not hasattr(c, "input"):
+        raise ValueError(f"explain_image reads vision transformers; this is a {type(model).__name__}: give --model "
+                         "a ViT folder (config.json + model.safetensors), or pass text instead of --image")
     if c.input != "image" or len(c.size) != 2 or c.pool != "cls":
         raise ValueError(f"explain_image reads image ViTs with a class token; this model has input={c.input!r}, "
                          f"pool={c.pool!r}, image_size={c.image_size}. For other inputs, run the model inside "
@@ -202,6 +208,9 @@ def explain_image(model, image, *, layers=None, heads=None, full: bool | None = 
 def explain_audio(model, audio, sample_rate: int | None = None, *, layers=None, heads=None,
                   full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "") -> Explanation:
     """Attention of a SpeechRecognizer's encoder over a clip's 30 s window (1,500 positions of 20 ms)."""
+    if not (hasattr(model, "features") and hasattr(model, "encode")):
+        raise ValueError(f"explain_audio reads speech recognizers (Whisper); this is a {type(model).__name__}: "
+                         "give --model a Whisper folder or leave --model out for whisper-tiny.en")
     feats = model.features(audio, sample_rate)
     with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
         model.encode(feats)

@@ -49,12 +49,14 @@ def terminal(ex: Explanation, token: int | str | None = None, layer=None, head: 
         style = f"on rgb(255,{shade},{max(0, shade - 60)})" if a > 0.02 else ""
         if j == i:
             style += " bold underline"
-        text.append_text(_styled(ex.text(j), style.strip() or None))
-        text.append(" ")
+        piece = ex.text(j)
+        if j and not (piece[:1] == " " and piece.strip()):  # byte-level and SentencePiece words carry a space
+            text.append(" ")
+        text.append_text(_styled(piece, style.strip() or None))
     console = console or Console()
-    title = Text(f"{terminal_safe(ex.model)}: what ", style="bold")
+    title = Text(f"{terminal_safe(ex.model)}: what \u201c", style="bold")
     title.append_text(_styled(ex.text(i), "bold"))
-    title.append(f" (position {i}) attends to, {label}", style="bold")
+    title.append(f"\u201d (position {i}) attends to, {label}", style="bold")
     console.print(title)
     console.print(text)
     order = np.argsort(-weights)[:5]

@@ -123,8 +123,13 @@ class TextEncoder(Model):
 
     def _over_batches(self, texts, batch_size: int, what: str, width: int, fn) -> tuple[torch.Tensor, bool]:
         """Run ``fn(output, batch) -> (b, width)`` over length-sorted batches; rows back in input order."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{what}: batch_size must be an int >= 1, got {batch_size!r}")
         single = isinstance(texts, str)
         items = [texts] if single else list(texts)
+        bad = next((i for i, t in enumerate(items) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"{what}: texts must be strings; item {bad} is {type(items[bad]).__name__}")
         tok = self._require_tokenizer(what)
         out = torch.empty(len(items), width)
         for idx, batch in tok.length_batches(items, batch_size, self.config.max_length, self.device):

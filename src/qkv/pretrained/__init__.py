@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from ..convert import ConversionError, check_complete, ctranslate2, huggingface
 from ..models import CausalLM, Seq2Seq, SpeechRecognizer, TextEncoder, VisionTransformer
+from ._files import load_file, read_json
 from .tokenizer import Tokenizer
 
 FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "vision": VisionTransformer,
@@ -61,21 +61,18 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or its shards. Never unpickles (no ``.bin`` files)."""
-    from safetensors.torch import load_file
-
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return load_file(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: expected a \"weight_map\" object of tensor name -> shard file")
+        shards = sorted(set(weight_map.values()))
         out: dict[str, torch.Tensor] = {}
-        root = folder.resolve()
         for shard in shards:
-            path = (folder / shard).resolve()
-            if not path.is_relative_to(root):
-                raise FileNotFoundError(f"{index}: shard {shard!r} lies outside the model folder; refusing to read it")
-            out.update(load_file(str(path)))
+            out.update(load_file(_inside(folder, shard, index)))
         return out
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise FileNotFoundError(
@@ -86,16 +83,26 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no model.safetensors in {folder}")
 
 
+def _inside(folder: Path, name: str, listed_in: Path) -> Path:
+    """``folder / name``, refused when it leaves the folder (``../``, absolute paths, links out)."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise FileNotFoundError(f"{listed_in}: {name!r} lies outside the model folder; refusing to read it")
+    return path
+
+
 def _sentence_transformers(folder: Path, config):
     """Pooling, normalisation and length limit from a sentence-transformers folder, if it is one."""
     modules = folder / "modules.json"
     if not modules.exists():
         return config
     changes = {}
-    for m in json.loads(modules.read_text()):
+    for m in read_json(modules, expect=list):
+        if not isinstance(m, dict):
+            raise ValueError(f"{modules}: each entry must be an object with \"type\" and \"path\"")
         kind = m.get("type", "").rsplit(".", 1)[-1]
         if kind == "Pooling":
-            pc = json.loads((folder / m["path"] / "config.json").read_text())
+            pc = read_json(_inside(folder, str(m.get("path", "")), modules) / "config.json")
             for flag, mode in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
                                ("pooling_mode_max_tokens", "max"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len")):
                 if pc.get(flag):
@@ -103,8 +110,8 @@ def _sentence_transformers(folder: Path, config):
         elif kind == "Normalize":
             changes["normalize"] = True
     sb = folder / "sentence_bert_config.json"
-    if sb.exists() and "max_seq_length" in json.loads(sb.read_text()):
-        changes["max_length"] = json.loads(sb.read_text())["max_seq_length"]
+    if sb.exists() and "max_seq_length" in read_json(sb):
+        changes["max_length"] = read_json(sb)["max_seq_length"]
     return replace(config, **changes)
 
 
@@ -121,12 +128,12 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"no config.json in {folder}")
-    hf = json.loads(cfg_file.read_text())
+    hf = read_json(cfg_file)
     if "qkv_family" in hf:  # saved by qkv (qkv.train.save_pretrained): our own keys, no conversion
         return _load_native(folder, hf, device=device, dtype=dtype, backend=backend)
     sd = read_safetensors(folder)
     side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json"}.get(hf.get("model_type"))
-    extra = json.loads((folder / side).read_text()) if side and (folder / side).exists() else None
+    extra = read_json(folder / side) if side and (folder / side).exists() else None
     family, config = huggingface.config_from_hf(hf, set(sd), extra)
     if family == "text_encoder":
         config = _sentence_transformers(folder, config)
@@ -137,14 +144,17 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
 def _load_native(folder: Path, cfg: dict, *, device, dtype, backend):
     from typing import get_type_hints
 
-    from safetensors.torch import load_model
-
     family = cfg["qkv_family"]
     if family not in FAMILIES:
         raise ConversionError(f"{folder}/config.json: unknown qkv_family {family!r}; known: {sorted(FAMILIES)}")
     config_class = get_type_hints(FAMILIES[family].__init__)["config"]
     model = FAMILIES[family](config_class(**cfg["qkv_config"]))
-    load_model(model, str(folder / "model.safetensors"), strict=True)
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no model.safetensors in {folder}")
+    state = load_file(weights)
+    check_complete(model.state_dict(), state)
+    model.load_state_dict(state, strict=True)
     return _attach(model.eval(), folder, family, model.config, device=device, dtype=dtype, backend=backend)
 
 
@@ -170,4 +180,4 @@ def _attach(model, folder: Path, family: str, config, *, device, dtype, backend)
     return model
 
 
-__all__ = ["load", "resolve", "REGISTRY", "Tokenizer", "ConversionError", "read_safetensors"]
+__all__ = ["load", "resolve", "REGISTRY", "Tokenizer", "ConversionError", "read_safetensors", "read_json", "load_file"]

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as _Tok
 
+from ._files import read_json
+
 
 @lru_cache(maxsize=1)
 def _byte_level_table() -> dict[str, int]:
@@ -60,13 +62,18 @@ class Tokenizer:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             f = folder / name
             if f.exists():
-                for key, value in json.loads(f.read_text()).items():
+                for key, value in read_json(f).items():
                     if key in ("pad_token", "eos_token", "bos_token", "model_max_length"):
                         special[key] = value["content"] if isinstance(value, dict) else value
         limit = special.get("model_max_length")
         if max_length is None and isinstance(limit, int) and limit < 1_000_000:
             max_length = limit
-        return cls(_Tok.from_file(str(file)), pad_token=special.get("pad_token"), eos_token=special.get("eos_token"),
+        try:
+            tok = _Tok.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises plain Exceptions for unreadable files
+            raise ValueError(f"{file}: not a tokenizer file the tokenizers library can read ({e}); it may be "
+                             "damaged or from a newer version: save it again with tokenizers or transformers") from None
+        return cls(tok, pad_token=special.get("pad_token"), eos_token=special.get("eos_token"),
                    bos_token=special.get("bos_token"), max_length=max_length)
 
     def save(self, folder: str | Path) -> None:
