@@ -54,7 +54,7 @@ def primitive_masks(draw, B, H, Tq, Tk, q_offset):
     if kind == "causal":
         return m.causal()
     if kind == "window":
-        return m.sliding_window(draw(st.integers(1, 12)), draw(st.sampled_from([0, 0, 1, 4])))
+        return m.sliding_window(draw(st.integers(0, 12)), draw(st.sampled_from([0, 0, 1, 4])))
     if kind == "padding":
         return m.padding(draw(st.lists(st.integers(0, Tk), min_size=B, max_size=B)))
     if kind == "prefix":

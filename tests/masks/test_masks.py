@@ -155,7 +155,6 @@ def test_tensor_mask_rows_follow_the_call():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: qkv.masks.sliding_window(0), "left=0"),
         (lambda: qkv.masks.sliding_window(-3), "left=-3"),
         (lambda: qkv.masks.sliding_window(4, -1), "right=-1"),
         (lambda: qkv.masks.sliding_window(2.5), "must be an int"),
@@ -202,3 +201,18 @@ def test_classify_one_tile_is_exact(data):
     dense = mask.materialize(24, 24, batch=B, heads=H, q_offset=0)[:, :, q0:q1, k0:k1]
     want = FULL if dense.all() else PARTIAL if dense.any() else EMPTY
     assert mask.classify((q0, q1), (k0, k1), batch=B, heads=H) == want
+
+
+@pytest.mark.parametrize("left, right", [(0, 0), (0, 3), (0, 1), (2, 0)])
+def test_zero_width_windows_are_valid(left, right):
+    """sliding_window(0) lets each query see itself (FlashAttention's window_size=(0, 0)); (0, r) adds r keys after."""
+    m = qkv.masks.sliding_window(left, right)
+    dense = m.materialize(6, 9, q_offset=2)[0, 0]
+    q = torch.arange(6)[:, None] + 2
+    k = torch.arange(9)[None]
+    assert torch.equal(dense, (k >= q - left) & (k <= q + right))
+    g = torch.Generator().manual_seed(left * 10 + right)
+    qq, kk, vv = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (6, 9, 9))
+    ref = qkv.attention(qq, kk, vv, mask=m, q_offset=2, backend="eager")
+    for backend in ("chunked", "sdpa", "auto"):
+        torch.testing.assert_close(qkv.attention(qq, kk, vv, mask=m, q_offset=2, backend=backend), ref)

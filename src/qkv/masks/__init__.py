@@ -49,7 +49,8 @@ def causal() -> Mask:
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Key k visible from query q iff ``q - left <= k <= q + right`` (Longformer / Mistral local attention).
 
-    ``right=0`` (the default) makes the window causal. ``left >= 1``.
+    ``right=0`` (the default) makes the window causal. ``left, right >= 0``: ``sliding_window(0)``
+    lets each query see only itself, as FlashAttention's ``window_size=(0, 0)``.
     """
     return SlidingWindow(left, right)
 

@@ -9,11 +9,11 @@ import torch
 from ._base import _BIG, EMPTY, FULL, PARTIAL, Grid, Mask, states_from
 
 
-def _int_arg(name: str, value, minimum: int) -> int:
+def _int_arg(name: str, value, minimum: int, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name}={value} must be >= {minimum}")
+        raise ValueError(f"{name}={value} must be >= {minimum}" + (f" {hint}" if hint else ""))
     return value
 
 
@@ -71,8 +71,8 @@ class SlidingWindow(Mask):
     """Key k visible from query q iff q - left <= k <= q + right."""
 
     def __init__(self, left: int, right: int = 0):
-        self.left = _int_arg("sliding_window left", left, 1)
-        self.right = _int_arg("sliding_window right", right, 0)
+        self.left = _int_arg("sliding_window left", left, 0, "(0: each query sees only itself and its right keys)")
+        self.right = _int_arg("sliding_window right", right, 0, "(0: no key after the query)")
 
     def __call__(self, b, h, q_pos, k_pos):
         return (k_pos >= q_pos - self.left) & (k_pos <= q_pos + self.right)
