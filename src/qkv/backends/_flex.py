@@ -45,9 +45,12 @@ def check(call) -> str | None:
     return None
 
 
-def _mask_mod(mask, q_offset):
+def _mask_mod(mask, q_offset, tq, tk):
+    # Compiled kernels evaluate mask_mod on block-padded indices too; functions that index tables
+    # (attention-gym's Flamingo mask) must only ever see real positions.
     def mask_mod(b, h, q_idx, kv_idx):
-        return mask(b, h, q_idx + q_offset, kv_idx)
+        inside = (q_idx < tq) & (kv_idx < tk)
+        return inside & mask(b, h, q_idx.clamp(max=tq - 1) + q_offset, kv_idx.clamp(max=tk - 1))
 
     return mask_mod
 
@@ -56,13 +59,13 @@ def _block_mask(mask, q_offset, B, H, Tq, Tk, device):
     if mask is None:
         return None
     if not mask.cacheable:
-        return create_block_mask(_mask_mod(mask, q_offset), B, H, Tq, Tk, device=device)
+        return create_block_mask(_mask_mod(mask, q_offset, Tq, Tk), B, H, Tq, Tk, device=device)
     cache = mask.__dict__.setdefault("_qkv_flex_blocks", {})
     key = (q_offset, B, H, Tq, Tk, str(device))
     if key not in cache:
         if len(cache) >= 4:
             cache.pop(next(iter(cache)))
-        cache[key] = create_block_mask(_mask_mod(mask, q_offset), B, H, Tq, Tk, device=device)
+        cache[key] = create_block_mask(_mask_mod(mask, q_offset, Tq, Tk), B, H, Tq, Tk, device=device)
     return cache[key]
 
 
@@ -75,8 +78,9 @@ def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_w
         bias4 = None if bias is None else bias.expand(B, Hq, Tq, Tk)
 
         def mod(score, b, h, q_idx, kv_idx):
+            q_idx, kv_idx = q_idx.clamp(max=Tq - 1), kv_idx.clamp(max=Tk - 1)  # padded blocks: real positions only
             if score_mod is not None:
-                score = score_mod(score, b, h, q_idx + q_offset, kv_idx)
+                score = score_mod(score, b, h, q_idx + q_offset, kv_idx).to(score.dtype)
             if bias4 is not None:
                 score = score + bias4[b, h, q_idx, kv_idx].to(score.dtype)
             return score
@@ -85,10 +89,11 @@ def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_w
     try:
         result = compiled_flex_attention()(q, k, v, **kwargs)
     except Exception as e:  # noqa: BLE001 - compiler failures only; anything else is re-raised
-        if not type(e).__module__.startswith("torch._"):
+        if not (type(e).__module__.startswith("torch._") or "torchinductor" in str(e)):
             raise
-        # Some captured tensors in mask/score functions do not lower on every device (e.g. CPU);
-        # FlexAttention's uncompiled path computes the same result, slowly.
+        # Some captured tensors in mask/score functions do not lower on every device (e.g. CPU), and
+        # the CPU kernels bound-check table lookups in mask functions against the wrong size
+        # (attention-gym's Flamingo mask); FlexAttention's uncompiled path computes the same result, slowly.
         log.warning("compiled FlexAttention failed (%s); using its uncompiled path for this call", type(e).__name__)
         result = flex_attention(q, k, v, **kwargs)
     if return_lse:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..masks._indexed import call_indexed
+
 _FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -50,12 +52,24 @@ def scores(q, k, *, scale, q_pos, k_pos, mask=None, bias=None, score_mod=None) -
     qa = q.to(acc).view(B, Hkv, Hq // Hkv, r, D)
     s = torch.matmul(qa, k.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, Hq, r, W) * scale
     if score_mod is not None:
-        s = score_mod(s, *index_grids(B, Hq, q_pos, k_pos))
+        s = _modified(score_mod, s, index_grids(B, Hq, q_pos, k_pos))
     if bias is not None:
         s = s + bias.to(acc)
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
     return s
+
+
+def _modified(score_mod, s: torch.Tensor, grids) -> torch.Tensor:
+    """``score_mod`` applied to the scores (FlexAttention's reading, see `call_indexed`), in the scores' dtype:
+    a mod closing over a float64 table still gives float32 scores for float32 inputs."""
+    out = call_indexed(score_mod, *grids, lead=(s,))
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise TypeError(f"score_mod returned {type(out).__name__ if not isinstance(out, torch.Tensor) else out.dtype}; "
+                        "it must return the modified float scores, e.g. `return score + bias[h]`")
+    if out.shape != s.shape:
+        out = torch.broadcast_to(out, s.shape)
+    return out.to(s.dtype)
 
 
 def probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

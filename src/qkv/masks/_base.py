@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from ._indexed import call_indexed
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile states. Ordered so that AND is ``min``, OR is ``max`` and NOT is ``2 - s``."""
 
@@ -366,7 +368,7 @@ class FunctionMask(Mask):
         self.cacheable = cacheable  # False when wrapped implicitly: the function may close over changing state
 
     def __call__(self, b, h, q_pos, k_pos):
-        return self.fn(b, h, q_pos, k_pos)
+        return call_indexed(self.fn, b, h, q_pos, k_pos)  # broadcast grids, or vmap for scalar-style functions
 
     def __repr__(self):
         return f"from_function({getattr(self.fn, '__name__', self.fn)!r})"
