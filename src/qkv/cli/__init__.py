@@ -225,7 +225,7 @@ def _cmd_evaluate(args) -> int:
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{folder}: no config.json; give a training output folder (qkv train's `out`)")
-    from ..pretrained import load_file, read_json
+    from ..pretrained import load_weights, read_json
 
     saved = read_json(cfg_file)
     if "qkv_train" not in saved:
@@ -233,7 +233,7 @@ def _cmd_evaluate(args) -> int:
     cfg: TrainConfig = load_config(None, args.set or [], base=saved["qkv_train"])
     model = qkv.load(folder)
     if Path(args.checkpoint) != folder:
-        model.load_state_dict(load_file(Path(args.checkpoint) / "model.safetensors"), strict=True)
+        load_weights(model, Path(args.checkpoint) / "model.safetensors")
     data = load_data(cfg.data, cfg.task, cfg.seed)
     result = {split: evaluate(cfg.task, model, data, split, cfg.train.batch_size, cfg.data.block_size, 0)
               for split in args.split}

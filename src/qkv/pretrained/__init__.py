@@ -10,7 +10,7 @@ import torch
 
 from ..convert import ConversionError, check_complete, ctranslate2, huggingface
 from ..models import CausalLM, Seq2Seq, SpeechRecognizer, TextEncoder, VisionTransformer
-from ._files import load_file, read_json
+from ._files import load_file, load_weights, read_json
 from .tokenizer import Tokenizer
 
 FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "vision": VisionTransformer,
@@ -149,12 +149,7 @@ def _load_native(folder: Path, cfg: dict, *, device, dtype, backend):
         raise ConversionError(f"{folder}/config.json: unknown qkv_family {family!r}; known: {sorted(FAMILIES)}")
     config_class = get_type_hints(FAMILIES[family].__init__)["config"]
     model = FAMILIES[family](config_class(**cfg["qkv_config"]))
-    weights = folder / "model.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"no model.safetensors in {folder}")
-    state = load_file(weights)
-    check_complete(model.state_dict(), state)
-    model.load_state_dict(state, strict=True)
+    load_weights(model, folder / "model.safetensors")
     return _attach(model.eval(), folder, family, model.config, device=device, dtype=dtype, backend=backend)
 
 
@@ -180,4 +175,5 @@ def _attach(model, folder: Path, family: str, config, *, device, dtype, backend)
     return model
 
 
-__all__ = ["load", "resolve", "REGISTRY", "Tokenizer", "ConversionError", "read_safetensors", "read_json", "load_file"]
+__all__ = ["load", "resolve", "REGISTRY", "Tokenizer", "ConversionError", "read_safetensors", "read_json", "load_file",
+           "load_weights"]

@@ -35,3 +35,22 @@ def load_file(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt: "
                          "fetch or save it again") from None
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Fill ``model`` strictly from one safetensors file (tied weights saved once are restored to both
+    names); a damaged file or a mismatch of names or shapes is refused naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    if not path.exists():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}")
+    try:
+        load_model(model, str(path), strict=True)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                         "fetch or save it again") from None
+    except RuntimeError as e:  # strict loading: missing / unexpected keys, or shapes that differ
+        first = str(e).strip().splitlines()
+        raise ValueError(f"{path}: the weights do not fit the model its config describes ({' '.join(first)[:400]})"
+                         ) from None
