@@ -238,6 +238,15 @@ def format_table(result: dict, markdown: bool = False) -> str:
     return _render(rows, markdown) + "\n\n" + _render(mem, markdown)
 
 
+def rate_table(result: dict, markdown: bool = False, digits: int = 1) -> str:
+    """Rows of throughput against a baseline library (the text and media suites)."""
+    rows = [("case", "baseline", "baseline", "qkv", "speedup", "check")]
+    for r in result["speed"]:
+        rows.append((r["case"], r["baseline"], f"{r['baseline_per_s']:.{digits}f} {r['unit']}",
+                     f"{r['qkv_per_s']:.{digits}f} {r['unit']}", f"{r['speedup']:.2f}x", r["check"]))
+    return _render(rows, markdown)
+
+
 def _render(rows, markdown):
     if markdown:
         out = ["| " + " | ".join(rows[0]) + " |", "|" + "|".join("---" for _ in rows[0]) + "|"]

@@ -19,7 +19,7 @@ import torch
 
 import qkv
 
-from .bench import _render, interleaved
+from .bench import interleaved, rate_table
 
 CLIPS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -157,8 +157,4 @@ def run(repeat: int = 3, progress: Callable[[str], None] | None = None) -> dict:
 
 
 def format_table(result: dict, markdown: bool = False) -> str:
-    rows = [("case", "baseline", "baseline", "qkv", "speedup", "check")]
-    for r in result["speed"]:
-        rows.append((r["case"], r["baseline"], f"{r['baseline_per_s']:.2f} {r['unit']}",
-                     f"{r['qkv_per_s']:.2f} {r['unit']}", f"{r['speedup']:.2f}x", r["check"]))
-    return _render(rows, markdown)
+    return rate_table(result, markdown, digits=2)

@@ -20,7 +20,7 @@ import torch
 
 import qkv
 
-from .bench import _render, interleaved
+from .bench import interleaved, rate_table
 
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
          "they you were her she there one all we their its been has more if would will when so no who can said "
@@ -95,8 +95,4 @@ def run(repeat: int = 3, progress: Callable[[str], None] | None = None) -> dict:
 
 
 def format_table(result: dict, markdown: bool = False) -> str:
-    rows = [("case", "baseline", "baseline", "qkv", "speedup", "check")]
-    for r in result["speed"]:
-        rows.append((r["case"], r["baseline"], f"{r['baseline_per_s']:.1f} {r['unit']}",
-                     f"{r['qkv_per_s']:.1f} {r['unit']}", f"{r['speedup']:.2f}x", r["check"]))
-    return _render(rows, markdown)
+    return rate_table(result, markdown, digits=1)
