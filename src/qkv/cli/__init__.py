@@ -127,7 +127,7 @@ def _cmd_generate(args) -> int:
         print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, out)]))
     else:
         for p, c in zip(prompts, out):
-            print(_safe(p + c if type(model).__name__ == "CausalLM" else c))
+            print(_safe(p + c if model.continues_prompt else c))
     return 0
 
 

@@ -152,7 +152,7 @@ def _fallback_ids(text: str, vocab_size: int) -> tuple[list[int], list[str]]:
 def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                  full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "") -> Explanation:
     """Attention of a text model (TextEncoder, CausalLM, or a Seq2Seq encoder) over ``text``."""
-    if not hasattr(getattr(model, "config", None), "vocab_size") or not hasattr(model, "tokens"):
+    if not callable(getattr(model, "text_pass", None)):
         raise ValueError(f"explain_text reads text models (TextEncoder, CausalLM, Seq2Seq); this is a "
                          f"{type(model).__name__}: use explain_image or explain_audio (--image / --audio)")
     notes = []
@@ -171,13 +171,7 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
     if not tokens:
         raise ValueError("the text has no tokens to explain")
     with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
-        kind = type(model).__name__
-        if kind in ("Seq2Seq", "SpeechRecognizer"):
-            model.encode(ids, mask)
-        elif kind == "TextEncoder":
-            model(ids, mask)
-        else:
-            model(ids, mask, last_only=True)
+        model.text_pass(ids, mask)
     result = _finish("text", tokens, cap, model, name, texts=texts)
     result.notes += notes
     return result

@@ -39,6 +39,8 @@ class Model(nn.Module):
 
     config: object
     tokenizer = None  # set by qkv.load (a qkv.pretrained.Tokenizer)
+    continues_prompt = False  # generate() returns a continuation of the prompt (decoder-only models)
+    text_pass = None  # text models: fn(input_ids, attention_mask), the pass whose self-attention qkv.explain shows
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> Model:

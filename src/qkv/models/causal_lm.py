@@ -62,6 +62,12 @@ class CausalLMConfig:
 class CausalLM(Model):
     """Decoder-only language model: embeddings, pre-norm causal blocks, final norm, output head."""
 
+    continues_prompt = True
+
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """The whole stack over a text (logits of the last position only): what `qkv.explain` captures."""
+        return self(input_ids, attention_mask, last_only=True)
+
     def __init__(self, config: CausalLMConfig):
         super().__init__()
         self.config = c = config

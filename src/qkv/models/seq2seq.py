@@ -86,6 +86,10 @@ class _Side(nn.Module):
 class Seq2Seq(Model):
     """Encoder-decoder transformer with a language-model head on the decoder."""
 
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """The encoder over a text: what `qkv.explain` captures."""
+        return self.encode(input_ids, attention_mask)
+
     def __init__(self, config: Seq2SeqConfig):
         super().__init__()
         self.config = c = config

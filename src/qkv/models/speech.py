@@ -80,6 +80,8 @@ class AudioStem(nn.Module):
 class SpeechRecognizer(Seq2Seq):
     """Whisper-style speech recognition: ``transcribe(path_or_array) -> str``."""
 
+    text_pass = None  # its encoder reads audio features, not token ids
+
     def __init__(self, config: WhisperConfig):
         super().__init__(config)
         self.enc_side = AudioStem(config)

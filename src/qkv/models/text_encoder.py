@@ -61,6 +61,10 @@ class TextEncoder(Model):
     into sentence vectors, ``classify`` texts into labels (with a tokenizer attached).
     """
 
+    def text_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        """The encoder over a text: what `qkv.explain` captures."""
+        return self(input_ids, attention_mask)
+
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = c = config
