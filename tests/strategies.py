@@ -7,7 +7,7 @@ import torch
 from hypothesis import strategies as st
 
 import qkv
-from qkv.backends import _plan
+from qkv.backends.chunked import plan as _plan
 
 
 @contextmanager
@@ -19,20 +19,6 @@ def tiles(q_tile, k_tile):
         yield
     finally:
         _plan.Q_TILE, _plan.K_TILE = old
-
-
-@contextmanager
-def without_native(active=True):
-    """Run the chunked backend without the native interval kernel (its fused-kernel path), when `active`."""
-    from qkv.backends import _native
-
-    old = _native.supports
-    if active:
-        _native.supports = lambda *a: False
-    try:
-        yield
-    finally:
-        _native.supports = old
 
 
 def _bool_tensor(draw, shape, p_true=None):

@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import backends
-from .backends._chunked import chunked_weights
-from .backends._chunked import stream_weights as _stream_weights
-from .masks._base import Mask, as_mask
+from .backends import chunked as _chunked
+from .backends.registry import Call
+from .masks import Mask, as_mask
 
 
 def attention(
@@ -59,19 +59,24 @@ def attention(
         ``out`` and ``lse`` are differentiable on every backend that supports
         backward; ``weights`` carry gradients on ``eager`` only.
     """
-    call = _validate(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
-                     dropout_p=dropout_p, return_weights=return_weights, return_lse=return_lse)
+    call = prepare(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
+                   dropout_p=dropout_p, return_weights=return_weights, return_lse=return_lse)
+    return run(call, backend)
+
+
+def run(call: Call, backend: str = "auto"):
+    """Execute a prepared call on ``backend``: what `attention` returns."""
     impl, call = backends.select(call, backend)
     B, Hq, Hkv, Tq, Tk, D, Dv = call.shape
     if Tq == 0 or Tk == 0:
         impl = backends.get("eager")  # empty inputs are valid; the reference handles them exactly
-    out, weights, lse = impl.fn(q, k, v, **call.kwargs())
-    if not (return_weights or return_lse):
+    out, weights, lse = impl.run(call)
+    if not (call.return_weights or call.return_lse):
         return out
     result = [out]
-    if return_weights:
+    if call.return_weights:
         result.append(weights)
-    if return_lse:
+    if call.return_lse:
         result.append(lse)
     return tuple(result)
 
@@ -103,20 +108,18 @@ def attention_weights(
         (B, Hq, Tq, Tk) probabilities, or as above. Not differentiable.
     """
     v = k.new_empty(*k.shape[:3], 0) if isinstance(k, torch.Tensor) and k.dim() == 4 else k
-    call = _validate(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
+    call = prepare(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
                      dropout_p=0.0, return_weights=True, return_lse=False)
     B, Hq, Hkv, Tq, Tk, D, Dv = call.shape
-    q_pos = torch.arange(Tq, device=q.device) + call.q_offset
-    bias4 = call.bias
-    if rows is not None:
-        idx = _rows(rows, Tq, q.device)
-        q, q_pos = q.index_select(2, idx), q_pos[idx]
-        if bias4 is not None and bias4.shape[-2] > 1:
-            bias4 = bias4.index_select(-2, idx)
     if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= max(Tk, 1)):
         raise ValueError(f"topk must be an int in [1, Tk={Tk}], got {topk!r}")
-    return chunked_weights(q, k, mask=call.mask, score_mod=score_mod, bias=bias4, scale=call.scale,
-                           q_pos=q_pos, topk=topk)
+    if rows is not None:
+        idx = _rows(rows, Tq, q.device)
+        bias4 = call.bias
+        if bias4 is not None and bias4.shape[-2] > 1:
+            bias4 = bias4.index_select(-2, idx)
+        call = call.replace(q=q.index_select(2, idx), bias=bias4, rows=idx)
+    return _chunked.weights_of(call, topk=topk)
 
 
 def stream_weights(q: torch.Tensor, k: torch.Tensor, fn: Callable, *, mask=None, score_mod: Callable | None = None,
@@ -128,10 +131,14 @@ def stream_weights(q: torch.Tensor, k: torch.Tensor, fn: Callable, *, mask=None,
     passed to ``fn`` see no key. Memory O(tile x Tk); arguments as `attention`.
     """
     v = k.new_empty(*k.shape[:3], 0) if isinstance(k, torch.Tensor) and k.dim() == 4 else k
-    call = _validate(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
+    call = prepare(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
                      dropout_p=0.0, return_weights=True, return_lse=False)
-    q_pos = torch.arange(q.shape[2], device=q.device) + call.q_offset
-    _stream_weights(q, k, fn, mask=call.mask, score_mod=score_mod, bias=call.bias, scale=call.scale, q_pos=q_pos)
+    stream_call(call, fn)
+
+
+def stream_call(call: Call, fn: Callable) -> None:
+    """`stream_weights` for a call `prepare` validated (its plan is reused, not rebuilt)."""
+    _chunked.stream_of(call, fn)
 
 
 def _rows(rows, tq: int, device) -> torch.Tensor:
@@ -150,8 +157,15 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _validate(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_weights, return_lse):
-    """Check every argument once and return a normalised `backends.Call`."""
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, score_mod: Callable | None = None,
+            bias: torch.Tensor | None = None, scale: float | None = None, q_offset: int | None = None,
+            dropout_p: float = 0.0, return_weights: bool = False, return_lse: bool = False) -> Call:
+    """Validate an attention call once: the `qkv.backends.Call` that `run` executes and `stream_call` reads.
+
+    Same arguments as `attention`; every error is raised here. The call carries its
+    query positions and tile plan (computed on first use), so a layer that runs it
+    and also reads its probabilities (`qkv.explain.capture`) checks and plans it once.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, T, D), got {type(t).__name__}")
@@ -190,7 +204,7 @@ def _validate(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, ret
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     mask = _mask(mask, q, B, Hq, Tq, Tk, q_offset)
     bias = _bias(bias, q, B, Hq, Tq, Tk)
-    return backends.Call(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
+    return Call(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
                          dropout_p=float(dropout_p), return_weights=return_weights, return_lse=return_lse)
 
 
@@ -231,9 +245,9 @@ def _mask(mask, q, B, Hq, Tq, Tk, q_offset) -> Mask | None:
     mask = as_mask(mask)
     if mask is None:
         return None
-    mask = mask._bind(q_offset)
+    mask = mask.bind(q_offset)
     if Tq and Tk:
-        mask._check(q_offset, q_offset + Tq - 1, Tk, B, Hq)
+        mask.check(q_offset, q_offset + Tq - 1, Tk, B, Hq)
     return mask
 
 

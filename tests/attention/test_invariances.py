@@ -106,9 +106,7 @@ def test_gqa_equals_repeated_heads():
 
 def test_auto_drops_a_mask_that_hides_nothing():
     q, k, v = _qkv(1, 2, 2, 1, 50, 8, 0)
-    call = qkv.functional._validate(q, k, v, mask=qkv.masks.causal() & qkv.masks.sliding_window(100), score_mod=None,
-                                    bias=None, scale=None, q_offset=None, dropout_p=0.0, return_weights=False,
-                                    return_lse=False)
+    call = qkv.functional.prepare(q, k, v, mask=qkv.masks.causal() & qkv.masks.sliding_window(100))
     name, call2 = qkv.backends.choose(call)
     assert name == "sdpa" and call2.mask is None
 

@@ -5,18 +5,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference
-from strategies import cases, tiles, without_native
+from strategies import cases, tiles
 
 import qkv
 
-BACKENDS = ["eager", "chunked", "chunked-fused", "sdpa", "auto"]  # chunked-fused: without the native kernel
+BACKENDS = ["eager", "chunked", "native", "sdpa", "auto"]
 
 
 def _serves(backend, case, **extra):
     """Whether `backend` accepts the call (capability errors are the errors test's business)."""
     try:
-        call = qkv.functional._validate(case.q, case.k, case.v, dropout_p=0.0, return_weights=False,
-                                        return_lse=False, **case.call_kwargs())
+        call = qkv.functional.prepare(case.q, case.k, case.v, **case.call_kwargs())
         call = call.replace(**extra)
         return backend == "auto" or not qkv.backends.get(backend).missing(call)
     except ValueError:
@@ -33,8 +32,6 @@ def _with_grad(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @given(case=cases())
 def test_output_and_gradients_match_reference(backend, dtype, case):
-    fused = backend == "chunked-fused"
-    backend = "chunked" if fused else backend
     if not _serves(backend, case):
         return
     ref_leaves, ref_bias = _with_grad(case, torch.float64)
@@ -45,7 +42,7 @@ def test_output_and_gradients_match_reference(backend, dtype, case):
 
     (q, k, v), bias = _with_grad(case, dtype)
     kw = case.call_kwargs() | {"bias": bias}
-    with tiles(*case.tiles), without_native(fused):
+    with tiles(*case.tiles):
         out = qkv.attention(q, k, v, backend=backend, **kw)
         out.backward(g.to(dtype))
     tol = 1e-9 if dtype == torch.float64 else 2e-4

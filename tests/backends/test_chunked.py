@@ -8,10 +8,9 @@ import textwrap
 import pytest
 import torch
 from reference import reference
-from strategies import without_native
 
 import qkv
-from qkv.backends._chunked import call_plan
+from qkv.backends.chunked.plan import call_plan
 
 
 @pytest.mark.parametrize(
@@ -22,17 +21,18 @@ from qkv.backends._chunked import call_plan
         (qkv.masks.causal() & qkv.masks.sliding_window(64), 513, 2, 1),  # ragged end, MQA
     ],
 )
-@pytest.mark.parametrize("native", [True, False], ids=["native", "fused-bands"])
-def test_band_plans_match_reference(mask, T, Hq, Hkv, native):
+@pytest.mark.parametrize("backend", ["native", "chunked"])  # chunked: the fused-kernel bands
+def test_band_plans_match_reference(mask, T, Hq, Hkv, backend):
+    if not qkv.backends.available()[backend].available:
+        pytest.skip(f"{backend}: {qkv.backends.available()[backend].reason}")
     plan = call_plan(mask, 0, T, T, 2, Hq, torch.device("cpu"))
     assert plan.bands and sum(b.count * b.q_tile for b in plan.bands) > T // 2
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, Hq, T, 32, generator=g, requires_grad=True)
     k, v = (torch.randn(2, Hkv, T, 32, generator=g, requires_grad=True) for _ in range(2))
-    with without_native(not native):  # the fused-kernel band path, used where the native kernel cannot be built
-        out, lse = qkv.attention(q, k, v, mask=mask, backend="chunked", return_lse=True)
-        go = torch.randn_like(out)
-        out.backward(go)
+    out, lse = qkv.attention(q, k, v, mask=mask, backend=backend, return_lse=True)
+    go = torch.randn_like(out)
+    out.backward(go)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _, ref_lse = reference(qr, kr, vr, mask=mask.materialize(T, T))
     ref.backward(go.double())

@@ -1,4 +1,4 @@
-"""The native interval kernel (qkv/backends/_native.cpp) against the float64 reference."""
+"""The native backend and its interval kernel (qkv/backends/native/kernel.cpp) against the float64 reference."""
 
 import os
 import shutil
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from reference import reference
 
 import qkv
-from qkv.backends import _native
+from qkv.backends import native as _native
 
 needs_kernel = pytest.mark.skipif(
     not _native.available(), reason=f"native kernel not built: {_native.status()}")
@@ -62,7 +62,7 @@ def test_matches_reference(data):
     q = torch.randn(B, Hq, Tq, D, generator=g, dtype=dtype)
     k = torch.randn(B, Hkv, Tk, D, generator=g, dtype=dtype)
     v = torch.randn(B, Hkv, Tk, Dv, generator=g, dtype=dtype)
-    lo, hi = mask._intervals(torch.arange(Tq) + q_offset)
+    lo, hi = mask.intervals(torch.arange(Tq) + q_offset)
     out, lse = _native.interval_attention(q, k, v, lo, hi, 0.3)
     ref, _, ref_lse = reference(q, k, v, mask=mask.materialize(Tq, Tk, batch=B, q_offset=q_offset),
                                 scale=0.3, q_offset=q_offset)
@@ -81,7 +81,7 @@ def test_rows_longer_than_one_chunk_and_strided_inputs(mask):
     q, k, v = (torch.randn(2, 1300, 4, 32, generator=g).transpose(1, 2) for _ in range(3))
     T = 1300
     lo, hi = ((torch.zeros(1, T, dtype=torch.int64), torch.full((1, T), T - 1)) if mask is None
-              else mask._intervals(torch.arange(T)))
+              else mask.intervals(torch.arange(T)))
     out, lse = _native.interval_attention(q, k, v, lo, hi, 32**-0.5)
     ref, _, ref_lse = reference(q, k, v, mask=None if mask is None else mask.materialize(T, T))
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
@@ -90,19 +90,15 @@ def test_rows_longer_than_one_chunk_and_strided_inputs(mask):
 
 
 @needs_kernel
-def test_chunked_backend_uses_it_and_backward_matches():
+def test_auto_picks_it_and_backward_matches():
     g = torch.Generator().manual_seed(2)
     T, mask = 300, qkv.masks.sliding_window(50) & qkv.masks.padding([300, 170])
     q = torch.randn(2, 4, T, 16, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, T, 16, generator=g, requires_grad=True) for _ in range(2))
-    calls = []
-    real = _native.interval_attention
-    _native.interval_attention = lambda *a: calls.append(1) or real(*a)
-    try:
-        out = qkv.attention(q, k, v, mask=mask, backend="chunked")
-    finally:
-        _native.interval_attention = real
-    assert calls
+    call = qkv.functional.prepare(q, k, v, mask=mask)
+    assert qkv.backends.choose(call)[0] == "native"  # decided once, in the registry
+    out = qkv.attention(q, k, v, mask=mask, backend="native")
+    torch.testing.assert_close(out, qkv.attention(q, k, v, mask=mask))
     go = torch.randn_like(out)
     out.backward(go)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -116,16 +112,17 @@ def test_chunked_backend_uses_it_and_backward_matches():
 @needs_kernel
 def test_compiles_as_one_op():
     q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
-    lo, hi = qkv.masks.causal()._intervals(torch.arange(40))
+    lo, hi = qkv.masks.causal().intervals(torch.arange(40))
     f = torch.compile(lambda q, k, v: torch.ops.qkv.interval_attention(q, k, v, lo, hi, 0.5)[0], fullgraph=True)
     torch.testing.assert_close(f(q, k, v), _native.interval_attention(q, k, v, lo, hi, 0.5)[0])
 
 
 def test_can_be_switched_off():
-    code = ("import torch, qkv; from qkv.backends import _native; q = torch.randn(1, 2, 70, 8);"
-            "o = qkv.attention(q, q, q, mask=qkv.masks.sliding_window(9), backend='chunked');"
+    code = ("import torch, qkv; from qkv.backends import native; q = torch.randn(1, 2, 70, 8);"
+            "o = qkv.attention(q, q, q, mask=qkv.masks.sliding_window(9));"
             "r = qkv.attention(q, q, q, mask=qkv.masks.sliding_window(9), backend='eager');"
-            "print(_native.status(), bool(torch.allclose(o, r, atol=1e-5)))")
+            "c = qkv.backends.available()['native'];"
+            "print(native.status(), c.available, bool(torch.allclose(o, r, atol=1e-5)))")
     env = dict(os.environ, QKV_NATIVE="0")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert res.stdout.strip().splitlines()[-1] == "disabled by QKV_NATIVE=0 True"
+    assert res.stdout.strip().splitlines()[-1] == "disabled by QKV_NATIVE=0 False True"

@@ -128,7 +128,7 @@ def test_primitive_mask_is_vectorised_predicate(data):
     """Calling a mask on broadcast index tensors equals calling it one element at a time (FlexAttention's view)."""
     B, H, Tq, Tk = 2, 2, data.draw(st.integers(1, 12)), data.draw(st.integers(1, 12))
     off = data.draw(st.integers(0, 6))
-    mask = qkv.masks.as_mask(data.draw(primitive_masks(B, H, Tq, Tk, off)))._bind(off)
+    mask = qkv.masks.as_mask(data.draw(primitive_masks(B, H, Tq, Tk, off))).bind(off)
     dense = mask.materialize(Tq, Tk, batch=B, heads=H, q_offset=off)
     b, h, i, j = (data.draw(st.integers(0, n - 1)) for n in (B, H, Tq, Tk))
     one = mask(torch.tensor(b), torch.tensor(h), torch.tensor(off + i), torch.tensor(j))

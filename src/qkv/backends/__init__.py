@@ -2,37 +2,48 @@
 
 >>> import qkv
 >>> sorted(qkv.backends.available())
-['chunked', 'eager', 'flex', 'sdpa']
+['chunked', 'eager', 'flex', 'native', 'sdpa']
 
-- ``eager``: the reference; materialises the scores; any dtype, float64 included.
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
-- ``chunked``: tiles of query rows visiting only the keys the mask leaves
-  visible; memory O(Tq * tile); forward, backward, weights, top-k weights.
-- ``flex``: compiled FlexAttention where the torch build and device support it.
+One module or package per backend:
 
-``backend="auto"`` picks the fastest backend that supports the call (see
-:func:`choose`). ``register(name, fn, **capabilities)`` adds one.
+- ``eager`` (`eager.py`): the reference; materialises the scores; any dtype, float64 included.
+- ``sdpa`` (`sdpa.py`): ``torch.nn.functional.scaled_dot_product_attention``.
+- ``chunked`` (`chunked/`): tiles of query rows visiting only the keys the mask
+  leaves visible; memory O(Tq * tile); forward, backward, weights, top-k weights.
+- ``native`` (`native/`): qkv's CPU kernel for masks whose rows each see one key
+  interval (causal, windows, documents, padding, prefix-LM), float32/64; backward
+  and weights by chunked's tiles.
+- ``flex`` (`flex.py`): compiled FlexAttention where the torch build and device support it.
+
+`registry` holds `Call` (one validated call, with its query positions and tile
+plan computed once) and `register`; `kernels` the tile math eager and chunked
+share. ``backend="auto"`` picks, once per call, the fastest backend that
+supports it (see :func:`choose`). ``register(name, fn, **capabilities)`` adds one.
 """
 
 from __future__ import annotations
 
-from ..masks._base import TensorMask
-from ..masks._library import Causal
-from . import _flex
-from ._chunked import call_plan, chunked
-from ._registry import ALL_DTYPES, Backend, Call, Capabilities, available, get, names, register
-from ._simple import eager, sdpa
+from . import chunked, eager, flex, native, sdpa
+from .registry import ALL_DTYPES, Backend, Call, Capabilities, available, get, names, register, unregister
 
-__all__ = ["Capabilities", "Call", "Backend", "register", "get", "available", "names", "choose", "select"]
+__all__ = ["Capabilities", "Call", "Backend", "register", "unregister", "get", "available", "names", "choose",
+           "select"]
 
 _EVERYTHING = dict(masks=True, score_mod=True, bias=True, dropout=True, weights=True, lse=True, backward=True)
-register("eager", eager, **_EVERYTHING, notes="reference; O(Tq*Tk) memory")
-register("chunked", chunked, **_EVERYTHING, notes="skips empty tiles; O(Tq*tile) memory; weights by a second pass")
-register("sdpa", sdpa, bias=True, dropout=True, backward=True, notes="torch SDPA; structured masks are materialised")
+register("eager", eager.eager, takes_call=True, **_EVERYTHING, notes="reference; O(Tq*Tk) memory")
+register("chunked", chunked.chunked, takes_call=True, **_EVERYTHING,
+         notes="skips empty tiles; O(Tq*tile) memory; weights by a second pass")
+register("native", native.native, takes_call=True, check=native.check, masks=True, weights=True, lse=True,
+         backward=True, dtypes=native.DTYPES, devices=("cpu",),
+         available=lambda: (native.available(), "" if native.available() else native.status()),
+         notes="CPU kernel for one key interval per row (causal, windows, documents, padding, prefix-LM); "
+               "backward and weights by chunked's tiles")
+register("sdpa", sdpa.sdpa, takes_call=True, bias=True, dropout=True, backward=True,
+         notes="torch SDPA; structured masks are materialised")
 register(
-    "flex", _flex.flex, check=_flex.check, score_mod=True, bias=True, lse=True, backward=True,
+    "flex", flex.flex, check=flex.check, score_mod=True, bias=True, lse=True, backward=True,
     dtypes=(ALL_DTYPES[0], ALL_DTYPES[1], ALL_DTYPES[2]), devices=("cpu", "cuda"),
-    available=not _flex.UNAVAILABLE, reason=_flex.UNAVAILABLE,
+    available=not flex.UNAVAILABLE, reason=flex.UNAVAILABLE,
     notes="compiled FlexAttention; CPU: inference only, no lse; first call per shape compiles",
 )
 
@@ -41,31 +52,38 @@ _DENSE_MASK_LIMIT = 1 << 27  # largest dense bool mask auto hands to SDPA
 _SKIP_WORTHWHILE = 0.85  # auto tiles when the plan visits at most this share of the scores
 
 
+def _tiled(call: Call) -> str:
+    """The tiling backend for a call: the native kernel where its check passes, else chunked."""
+    return "native" if not get("native").missing(call) else "chunked"
+
+
 def choose(call: Call) -> tuple[str, Call]:
     """The backend ``auto`` uses for `call`, and the call as that backend should see it.
 
-    SDPA serves dense and aligned-causal calls (its fused kernels are the
-    fastest there); `chunked` serves masks that leave tiles empty (work is
-    skipped), long rows whose dense mask would not fit, weights, log-sum-exp
-    and score mods; `eager` serves tiny calls with extras. A mask whose plan
-    shows every key visible is dropped.
+    Decided once, here, from the backends' declared capabilities and the mask's
+    structure: SDPA serves dense and aligned-causal calls (its fused kernels are
+    the fastest there); masks that leave tiles empty (work is skipped), long rows
+    whose dense mask would not fit, weights, log-sum-exp and score mods are
+    tiled, by `native` where the mask gives one key interval per row and the call
+    has no score mod, bias or dropout, else by `chunked`; `eager` serves tiny
+    calls with extras. A mask whose plan shows every key visible is dropped.
     """
     B, Hq, Hkv, Tq, Tk, D, Dv = call.shape
     if Tq == 0 or Tk == 0:
         return "eager", call
     extras = call.return_weights or call.return_lse or call.score_mod is not None
     if extras:
-        return ("eager" if B * Hq * Tq * Tk <= _TINY else "chunked"), call
+        return ("eager" if B * Hq * Tq * Tk <= _TINY else _tiled(call)), call
     mask = call.mask
-    if mask is None or isinstance(mask, TensorMask):
+    if mask is None or mask.is_tensor:
         return "sdpa", call
-    if isinstance(mask, Causal) and call.q_offset == 0:
+    if mask.is_causal and call.q_offset == 0:
         return "sdpa", call
-    plan = call_plan(mask, call.q_offset, Tq, Tk, B, Hq, call.q.device)
+    plan = call.plan
     if plan.unmasked_dense:
         return "sdpa", call.replace(mask=None)
     if plan.density <= _SKIP_WORTHWHILE or B * Hq * Tq * Tk > _DENSE_MASK_LIMIT:
-        return "chunked", call
+        return _tiled(call), call
     return "sdpa", call
 
 

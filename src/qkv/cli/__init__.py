@@ -41,8 +41,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_backends(args) -> int:
-    from qkv.backends._native import status as native_status
-
     av = qkv.backends.available()
     if args.json:
         rows = {}
@@ -50,7 +48,6 @@ def _cmd_backends(args) -> int:
             d = {k: v for k, v in vars(caps).items()}
             d["dtypes"] = [str(t).removeprefix("torch.") for t in caps.dtypes]
             rows[name] = d
-        rows["chunked"]["native_kernel"] = native_status()
         print(json.dumps(rows, indent=2))
         return 0
     flags = ["masks", "score_mod", "bias", "dropout", "weights", "lse", "backward"]
@@ -59,7 +56,6 @@ def _cmd_backends(args) -> int:
         marks = " ".join(f"{('yes' if getattr(caps, f) else '-'):>9}" for f in flags)
         note = caps.notes if caps.available else f"unavailable: {caps.reason}"
         print(f"{name:<9} {marks}  {note}")
-    print(f"\nchunked's native CPU kernel for interval masks (float32/64 forward): {native_status()}")
     return 0
 
 

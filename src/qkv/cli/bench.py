@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
-from qkv.backends._flex import compiled_flex_attention
+from qkv.backends.flex import compiled_flex_attention
 
 H, D = 8, 64  # the targets' configuration: fp32, B=1, H=8, D=64
 

@@ -3,7 +3,7 @@
 `capture` hooks every `MultiHeadAttention` of a model. The model's own forward
 pass is untouched (same backend, same speed class); next to it, each hooked
 layer recomputes its exact probabilities tile by tile with
-`qkv.functional.stream_weights` and keeps what was asked for: the full
+`qkv.functional.stream_call` (on the layer's own validated call) and keeps what was asked for: the full
 (H, Tq, Tk) matrices for short inputs, the top-k keys of every query for long
 ones, and the head average when rollout needs it. Only batch element 0 is kept.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..functional import stream_weights
+from ..functional import stream_call
 from ..nn import MultiHeadAttention
 
 FULL_LIMIT = 512  # capture full matrices when Tq, Tk <= this (and topk is not forced)
@@ -113,8 +113,9 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
 
 
 def _observer(name, layer, kind, heads, full, topk, mean, store):
-    def observe(mod, q, k, *, mask, bias, scale):
-        Hq, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    def observe(mod, call):
+        q = call.q
+        Hq, Tq, Tk = q.shape[1], q.shape[2], call.k.shape[2]
         keep = list(range(Hq)) if heads is None else [h % Hq for h in heads]
         dense_mode = full if full is not None else (Tq <= FULL_LIMIT and Tk <= FULL_LIMIT)
         maps = AttentionMaps(name, layer, kind, keep, Tq, Tk)
@@ -142,9 +143,7 @@ def _observer(name, layer, kind, heads, full, topk, mean, store):
                 maps.top_values[:, r0:r1, :n] = val.cpu()
                 maps.top_index[:, r0:r1, :n] = torch.where(val > 0, kpos[idx], -1).cpu()
 
-        with torch.no_grad():
-            stream_weights(q.detach(), k.detach(), collect, mask=mask, bias=None if bias is None else bias.detach(),
-                           scale=scale)
+        stream_call(call, collect)  # the layer's own call: validated and planned once (runs without grad)
         store.append(maps)
 
     return observe

@@ -21,7 +21,23 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._base import EMPTY, FULL, PARTIAL, And, FunctionMask, Grid, Mask, Not, Or, TensorMask, as_mask
+from ._base import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    UNBOUNDED,
+    And,
+    FunctionMask,
+    Grid,
+    Mask,
+    Not,
+    Or,
+    TensorMask,
+    as_mask,
+    evaluate,
+    index_grid,
+)
+from ._indexed import call_indexed
 from ._library import (
     BlockSparse,
     Causal,
@@ -35,7 +51,8 @@ from ._library import (
 )
 
 __all__ = [
-    "Mask", "EMPTY", "PARTIAL", "FULL", "as_mask",
+    "Mask", "EMPTY", "PARTIAL", "FULL", "UNBOUNDED", "as_mask", "Grid", "index_grid", "evaluate", "call_indexed",
+    "And", "Or", "Not", "FunctionMask", "TensorMask",
     "causal", "sliding_window", "padding", "document", "prefix_lm", "global_tokens",
     "strided", "block_sparse", "from_tensor", "from_function", "key_padding",
 ]

@@ -6,15 +6,30 @@ are integer tensors that broadcast against each other (as FlexAttention's
 ``mask_mod`` does under ``vmap``), so one definition serves dense evaluation,
 tiles, and FlexAttention alike.
 
-Beyond the predicate a mask may describe its structure, which is what lets a
-backend skip work:
+The mask protocol: what backends (and user-written masks) rely on. A mask
+subclass must define ``__call__``; everything else has a correct default and
+is overridden where a mask can say more, which is what lets a backend skip work:
 
-- ``_intervals(q_pos)``: for masks where each query sees one contiguous key
-  range ``lo <= k <= hi`` (causal, windows, documents, padding, prefix-LM),
-  the bounds per query row. Tile states and per-tile key ranges then follow
-  exactly and in ``O(Tq + tiles)``.
-- ``_states(grid)``: tile states (EMPTY / PARTIAL / FULL) for a tiling. The
-  default evaluates the predicate tile row by tile row.
+- ``bind(q_offset) -> Mask``: the mask for a call whose query row 0 sits at
+  ``q_offset`` (tensor masks resolve their row alignment here; others return
+  themselves). `qkv.attention` binds once per call.
+- ``check(q_min, q_max, tk, batch, heads)``: raise ValueError, naming the fix,
+  when the mask cannot describe that call (a per-batch table of the wrong size).
+- ``intervals(q_pos) -> (lo, hi) | None``: for masks where each query sees one
+  contiguous key range ``lo <= k <= hi`` (causal, windows, documents, padding,
+  prefix-LM, their intersections), the bounds per query row, each (B', Tq).
+  Tile states and per-tile key ranges then follow exactly in ``O(Tq + tiles)``,
+  and the native kernel needs no mask tensor at all.
+- ``tile_states(grid) -> (B', H', nQ, nK) int8``: EMPTY / PARTIAL / FULL per
+  tile of a `Grid`, exact or conservative (never wrongly EMPTY or FULL). The
+  default derives them from ``intervals`` or evaluates the predicate.
+- ``dense(q_pos, tk, batch, heads)``: the bool mask of the rows at ``q_pos``,
+  broadcastable to (batch, heads, len(q_pos), tk); ``materialize`` is the
+  same by sizes and offset, for tests and debugging.
+- ``is_causal``: True only for exactly ``k <= q`` (SDPA's ``is_causal`` can serve it);
+  ``is_tensor``: True for a stored bool tensor (hand it to kernels as it is).
+- ``cacheable``: whether its answers never change, so backends may cache plans
+  for it (keyed weakly on the mask object, never stored on it).
 """
 
 from __future__ import annotations
@@ -29,10 +44,10 @@ from ._indexed import call_indexed
 EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile states. Ordered so that AND is ``min``, OR is ``max`` and NOT is ``2 - s``."""
 
-_BIG = 1 << 62  # "unbounded" in interval bounds; still safe to add small offsets to
+UNBOUNDED = 1 << 62  # "no bound" in interval bounds; still safe to add small offsets to
 
 
-def _index_grid(batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor):
+def index_grid(batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor):
     """Broadcastable index tensors: b (B,1,1,1), h (1,H,1,1), q (1,1,Tq,1), k (1,1,1,Tk)."""
     dev = q_pos.device
     b = torch.arange(batch, device=dev).view(-1, 1, 1, 1)
@@ -41,7 +56,8 @@ def _index_grid(batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
 
 
 def evaluate(mask: Callable, b, h, q, k) -> torch.Tensor:
-    """Call a mask predicate and check that it returned a bool tensor (shape untouched: vmap calls it on scalars)."""
+    """``mask(b, h, q, k)`` checked to be a bool tensor; on qkv's 4-D index grids the result is 4-D
+    (constant predicates broadcast). Scalars (an outer ``vmap``) pass through untouched."""
     out = mask(b, h, q, k)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
@@ -54,13 +70,9 @@ def evaluate(mask: Callable, b, h, q, k) -> torch.Tensor:
             "Compare instead of computing numbers (e.g. `q_pos >= k_pos`), or pass "
             "additive float values as `bias=`"
         )
+    if isinstance(q, torch.Tensor) and q.dim() == 4 and out.dim() < 4:
+        out = out.view(*([1] * (4 - out.dim())), *out.shape)
     return out
-
-
-def evaluate4d(mask: Callable, b, h, q, k) -> torch.Tensor:
-    """`evaluate` on 4-D index tensors, returning a 4-D result (constant predicates broadcast)."""
-    out = evaluate(mask, b, h, q, k)
-    return out.view(*([1] * (4 - out.dim())), *out.shape) if out.dim() < 4 else out
 
 
 class Grid:
@@ -96,8 +108,8 @@ class Grid:
 
     def q_hull(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Smallest and largest query position in each query tile, (nQ,) each."""
-        lo = self.row_tiles(self.q_pos, _BIG).amin(-1)
-        hi = self.row_tiles(self.q_pos, -_BIG).amax(-1)
+        lo = self.row_tiles(self.q_pos, UNBOUNDED).amin(-1)
+        hi = self.row_tiles(self.q_pos, -UNBOUNDED).amax(-1)
         return lo, hi
 
     def evaluate(self, mask: Callable) -> torch.Tensor:
@@ -107,7 +119,7 @@ class Grid:
         rows = []
         for i in range(self.nq):
             qp = self.q_pos[i * self.q_tile : (i + 1) * self.q_tile]
-            m = evaluate4d(mask, *_index_grid(self.batch, self.heads, qp, k_pos))
+            m = evaluate(mask, *index_grid(self.batch, self.heads, qp, k_pos))
             m = m.expand(*m.shape[:2], qp.numel(), self.tk)  # (B', H', r, Tk)
             any_ = torch.nn.functional.pad(m, (0, pad), value=False)
             all_ = torch.nn.functional.pad(m, (0, pad), value=True)
@@ -143,8 +155,8 @@ def interval_states(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> torch.Ten
     flat.scatter_add_(1, row_tile * (grid.nk + 1) + t1, -one)
     visible = diff.cumsum(-1)[..., : grid.nk] > 0
     # Full tiles: every row of the query tile sees every key of the key tile.
-    max_lo = grid.row_tiles(lo, -_BIG).amax(-1)  # (B', nQ)
-    min_hi = grid.row_tiles(hi, _BIG).amin(-1)
+    max_lo = grid.row_tiles(lo, -UNBOUNDED).amax(-1)  # (B', nQ)
+    min_hi = grid.row_tiles(hi, UNBOUNDED).amin(-1)
     full = (max_lo[..., None] <= grid.k_first) & (min_hi[..., None] >= grid.k_last)
     return states_from(visible, full & visible).unsqueeze(1)
 
@@ -157,36 +169,40 @@ class Mask:
     signature combine too (``causal() & my_fn``).
     """
 
-    #: Whether backends may cache plans on this mask: its answer never changes.
+    #: Whether backends may cache plans for this mask: its answer never changes.
     cacheable = True
+    #: True only for exactly ``k <= q``.
+    is_causal = False
+    #: True for a stored bool tensor: ``dense`` is a view and there is no structure to exploit.
+    is_tensor = False
 
     def __call__(self, b, h, q_pos, k_pos) -> torch.Tensor:
         raise NotImplementedError
 
     # -- structure hooks; subclasses override what they can say exactly --------
 
-    def _bind(self, q_offset: int) -> Mask:
+    def bind(self, q_offset: int) -> Mask:
         """Resolve anything that depends on the call's query offset (tensor masks)."""
         return self
 
-    def _check(self, q_min: int, q_max: int, tk: int, batch: int, heads: int) -> None:
+    def check(self, q_min: int, q_max: int, tk: int, batch: int, heads: int) -> None:
         """Raise ValueError if the mask cannot describe this call."""
 
-    def _intervals(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def intervals(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-row visible key bounds ``(lo, hi)``, each (B', Tq) int64, or None."""
         return None
 
-    def _states(self, grid: Grid) -> torch.Tensor:
+    def tile_states(self, grid: Grid) -> torch.Tensor:
         """Tile states (B', H', nQ, nK) int8, exact or conservative (never wrongly EMPTY/FULL)."""
-        iv = self._intervals(grid.q_pos)
+        iv = self.intervals(grid.q_pos)
         if iv is not None:
             return interval_states(*iv, grid)
         return grid.evaluate(self)
 
-    def _dense(self, q_pos: torch.Tensor, tk: int, batch: int, heads: int) -> torch.Tensor:
+    def dense(self, q_pos: torch.Tensor, tk: int, batch: int, heads: int) -> torch.Tensor:
         """Dense bool mask, broadcastable to (batch, heads, Tq, tk)."""
         k_pos = torch.arange(tk, device=q_pos.device)
-        return evaluate4d(self, *_index_grid(batch, heads, q_pos, k_pos))
+        return evaluate(self, *index_grid(batch, heads, q_pos, k_pos))
 
     # -- public -----------------------------------------------------------------
 
@@ -198,7 +214,7 @@ class Mask:
         ``tk - tq`` (bottom-right alignment). The result may be a broadcast view.
         """
         q_pos, mask = _prepare(self, tq, tk, batch, heads, q_offset, device)
-        return mask._dense(q_pos, tk, batch, heads).expand(batch, heads, tq, tk)
+        return mask.dense(q_pos, tk, batch, heads).expand(batch, heads, tq, tk)
 
     def tiles(self, tq: int, tk: int, *, q_tile: int = 128, k_tile: int = 128, batch: int = 1,
               heads: int = 1, q_offset: int | None = None, device=None) -> torch.Tensor:
@@ -210,7 +226,7 @@ class Mask:
         """
         q_pos, mask = _prepare(self, tq, tk, batch, heads, q_offset, device)
         grid = Grid(q_pos, tk, q_tile, k_tile, batch, heads)
-        s = mask._states(grid)
+        s = mask.tile_states(grid)
         return s.expand(batch, heads, grid.nq, grid.nk)
 
     def classify(self, q_range: tuple[int, int], k_range: tuple[int, int], *, batch: int = 1,
@@ -224,15 +240,15 @@ class Mask:
         if q1 <= q0 or k1 <= k0:
             return EMPTY
         q_pos = torch.arange(q0, q1)
-        mask = self._bind(0)  # tensor masks: rows are positions
-        iv = mask._intervals(q_pos)
+        mask = self.bind(0)  # tensor masks: rows are positions
+        iv = mask.intervals(q_pos)
         if iv is not None:
             lo, hi = iv
             any_ = bool((torch.maximum(lo, torch.tensor(k0)) <= torch.minimum(hi, torch.tensor(k1 - 1))).any())
             all_ = bool(((lo <= k0) & (hi >= k1 - 1)).all())
         else:
             k_pos = torch.arange(k0, k1)
-            m = evaluate4d(mask, *_index_grid(batch, heads, q_pos, k_pos))
+            m = evaluate(mask, *index_grid(batch, heads, q_pos, k_pos))
             any_, all_ = bool(m.any()), bool(m.all())
         return FULL if all_ else PARTIAL if any_ else EMPTY
 
@@ -258,10 +274,10 @@ def _prepare(mask: Mask, tq, tk, batch, heads, q_offset, device):
             raise ValueError(f"{name} must be a non-negative int, got {val!r}")
     off = tk - tq if q_offset is None else int(q_offset)
     device = torch.device("cpu") if device is None else torch.device(device)
-    mask = mask._bind(off)
+    mask = mask.bind(off)
     q_pos = torch.arange(tq, device=device) + off
     if tq and tk:
-        mask._check(off, off + tq - 1, tk, batch, heads)
+        mask.check(off, off + tq - 1, tk, batch, heads)
     return q_pos, mask
 
 
@@ -273,15 +289,15 @@ class _Combination(Mask):
         self.parts = flat
         self.cacheable = all(p.cacheable for p in flat)
 
-    def _bind(self, q_offset):
-        bound = [p._bind(q_offset) for p in self.parts]
+    def bind(self, q_offset):
+        bound = [p.bind(q_offset) for p in self.parts]
         if all(b is p for b, p in zip(bound, self.parts)):
             return self  # keep the object (and the plans cached on it)
         return type(self)(bound)
 
-    def _check(self, *args):
+    def check(self, *args):
         for p in self.parts:
-            p._check(*args)
+            p.check(*args)
 
 
 class And(_Combination):
@@ -293,8 +309,8 @@ class And(_Combination):
             out = out & evaluate(p, b, h, q_pos, k_pos)
         return out
 
-    def _intervals(self, q_pos):
-        ivs = [p._intervals(q_pos) for p in self.parts]
+    def intervals(self, q_pos):
+        ivs = [p.intervals(q_pos) for p in self.parts]
         if any(iv is None for iv in ivs):
             return None
         lo, hi = ivs[0]
@@ -302,13 +318,13 @@ class And(_Combination):
             lo, hi = torch.maximum(lo, l2), torch.minimum(hi, h2)
         return lo, hi
 
-    def _states(self, grid):
-        iv = self._intervals(grid.q_pos)
+    def tile_states(self, grid):
+        iv = self.intervals(grid.q_pos)
         if iv is not None:
             return interval_states(*iv, grid)
-        out = self.parts[0]._states(grid)
+        out = self.parts[0].tile_states(grid)
         for p in self.parts[1:]:
-            out = torch.minimum(out, p._states(grid))
+            out = torch.minimum(out, p.tile_states(grid))
         return out
 
     def __repr__(self):
@@ -324,10 +340,10 @@ class Or(_Combination):
             out = out | evaluate(p, b, h, q_pos, k_pos)
         return out
 
-    def _states(self, grid):
-        out = self.parts[0]._states(grid)
+    def tile_states(self, grid):
+        out = self.parts[0].tile_states(grid)
         for p in self.parts[1:]:
-            out = torch.maximum(out, p._states(grid))
+            out = torch.maximum(out, p.tile_states(grid))
         return out
 
     def __repr__(self):
@@ -344,15 +360,15 @@ class Not(Mask):
     def __call__(self, b, h, q_pos, k_pos):
         return ~evaluate(self.inner, b, h, q_pos, k_pos)
 
-    def _bind(self, q_offset):
-        bound = self.inner._bind(q_offset)
+    def bind(self, q_offset):
+        bound = self.inner.bind(q_offset)
         return self if bound is self.inner else Not(bound)
 
-    def _check(self, *args):
-        self.inner._check(*args)
+    def check(self, *args):
+        self.inner.check(*args)
 
-    def _states(self, grid):
-        return (FULL - self.inner._states(grid)).to(torch.int8)
+    def tile_states(self, grid):
+        return (FULL - self.inner.tile_states(grid)).to(torch.int8)
 
     def __repr__(self):
         return f"~({self.inner!r})"
@@ -383,6 +399,7 @@ class TensorMask(Mask):
     """
 
     cacheable = False
+    is_tensor = True
 
     def __init__(self, tensor: torch.Tensor, q_offset: int | None = None):
         if not isinstance(tensor, torch.Tensor):
@@ -399,7 +416,7 @@ class TensorMask(Mask):
         self.tensor = tensor.view(*([1] * (4 - tensor.dim())), *tensor.shape)
         self.q_offset = q_offset
 
-    def _bind(self, q_offset):
+    def bind(self, q_offset):
         return self if self.q_offset is not None else TensorMask(self.tensor, q_offset)
 
     def _offset(self) -> int:
@@ -407,7 +424,7 @@ class TensorMask(Mask):
             return self.q_offset
         return self.tensor.shape[-1] - self.tensor.shape[-2]  # bottom-right
 
-    def _check(self, q_min, q_max, tk, batch, heads):
+    def check(self, q_min, q_max, tk, batch, heads):
         t = self.tensor
         tq = q_max - q_min + 1
         for dim, (name, want) in enumerate((("batch", batch), ("heads", heads))):
@@ -430,7 +447,7 @@ class TensorMask(Mask):
             idx.append(i if t.shape[dim] > 1 else torch.zeros_like(i))
         return t[idx[0], idx[1], idx[2], idx[3]]
 
-    def _dense(self, q_pos, tk, batch, heads):
+    def dense(self, q_pos, tk, batch, heads):
         t = self.tensor.to(q_pos.device)
         n = q_pos.numel()
         if t.shape[-2] == 1 or n == 0:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._base import _BIG, EMPTY, FULL, PARTIAL, Grid, Mask, states_from
+from ._base import UNBOUNDED, EMPTY, FULL, PARTIAL, Grid, Mask, states_from
 
 
 def _int_arg(name: str, value, minimum: int, hint: str = "") -> int:
@@ -57,11 +57,13 @@ def _check_batch(name: str, size: int, batch: int) -> None:
 class Causal(Mask):
     """Query at position q sees keys k <= q."""
 
+    is_causal = True
+
     def __call__(self, b, h, q_pos, k_pos):
         return k_pos <= q_pos
 
-    def _intervals(self, q_pos):
-        return torch.full_like(q_pos, -_BIG)[None], q_pos[None]
+    def intervals(self, q_pos):
+        return torch.full_like(q_pos, -UNBOUNDED)[None], q_pos[None]
 
     def __repr__(self):
         return "causal()"
@@ -77,7 +79,7 @@ class SlidingWindow(Mask):
     def __call__(self, b, h, q_pos, k_pos):
         return (k_pos >= q_pos - self.left) & (k_pos <= q_pos + self.right)
 
-    def _intervals(self, q_pos):
+    def intervals(self, q_pos):
         return (q_pos - self.left)[None], (q_pos + self.right)[None]
 
     def __repr__(self):
@@ -98,13 +100,13 @@ class Padding(Mask):
         n = self._t.on(k_pos.device)["lengths"]
         return k_pos < n[_batch_index(b, n.numel())]
 
-    def _check(self, q_min, q_max, tk, batch, heads):
+    def check(self, q_min, q_max, tk, batch, heads):
         _check_batch("padding lengths", self.lengths.numel(), batch)
 
-    def _intervals(self, q_pos):
+    def intervals(self, q_pos):
         n = self._t.on(q_pos.device)["lengths"]
         hi = (n - 1)[:, None].expand(-1, q_pos.numel())
-        return torch.full_like(hi, -_BIG), hi
+        return torch.full_like(hi, -UNBOUNDED), hi
 
     def __repr__(self):
         return f"padding({self.lengths.tolist()})"
@@ -140,7 +142,7 @@ class Document(Mask):
         bi = _batch_index(b, ids.shape[0])
         return ids[bi, q_pos] == ids[bi, k_pos]
 
-    def _check(self, q_min, q_max, tk, batch, heads):
+    def check(self, q_min, q_max, tk, batch, heads):
         _check_batch("document ids", self.ids.shape[0], batch)
         n = self.ids.shape[1]
         if q_min < 0 or q_max >= n or tk > n:
@@ -149,7 +151,7 @@ class Document(Mask):
                 f"{q_min}..{q_max} and keys 0..{tk - 1}; give one id per position"
             )
 
-    def _intervals(self, q_pos):
+    def intervals(self, q_pos):
         if not self.contiguous:
             return None
         t = self._t.on(q_pos.device)
@@ -175,13 +177,13 @@ class PrefixLM(Mask):
         p = self._t.on(q_pos.device)["prefix"]
         return (k_pos <= q_pos) | (k_pos < p[_batch_index(b, p.numel())])
 
-    def _check(self, q_min, q_max, tk, batch, heads):
+    def check(self, q_min, q_max, tk, batch, heads):
         _check_batch("prefix_len", self.prefix_len.numel(), batch)
 
-    def _intervals(self, q_pos):
+    def intervals(self, q_pos):
         p = self._t.on(q_pos.device)["prefix"]
         hi = torch.maximum(q_pos[None], (p - 1)[:, None])
-        return torch.full_like(hi, -_BIG), hi
+        return torch.full_like(hi, -UNBOUNDED), hi
 
     def __repr__(self):
         return f"prefix_lm({self.prefix_len.tolist()})"
@@ -206,7 +208,7 @@ class GlobalTokens(Mask):
     def __call__(self, b, h, q_pos, k_pos):
         return self._is_global(q_pos) | self._is_global(k_pos)
 
-    def _states(self, grid: Grid):
+    def tile_states(self, grid: Grid):
         gq = grid.row_tiles(self._is_global(grid.q_pos).to(torch.int8), -1)  # (nQ, q_tile); -1 pads
         q_any = (gq == 1).any(-1)
         q_all = (gq != 0).all(-1)
@@ -232,7 +234,7 @@ class Strided(Mask):
     def __call__(self, b, h, q_pos, k_pos):
         return torch.remainder(q_pos - k_pos, self.stride) == 0
 
-    def _states(self, grid: Grid):
+    def tile_states(self, grid: Grid):
         s = self.stride
         if s == 1:
             return torch.full((1, 1, grid.nq, grid.nk), FULL, dtype=torch.int8, device=grid.device)
@@ -274,7 +276,7 @@ class BlockSparse(Mask):
         bs = self.block_size
         return lay[_batch_index(b, lay.shape[0]), _batch_index(h, lay.shape[1]), q_pos // bs, k_pos // bs]
 
-    def _check(self, q_min, q_max, tk, batch, heads):
+    def check(self, q_min, q_max, tk, batch, heads):
         nb, nh, nqb, nkb = self.layout.shape
         _check_batch("block_sparse layout", nb, batch)
         if nh not in (1, heads):
@@ -287,7 +289,7 @@ class BlockSparse(Mask):
                 f"{q_min}..{q_max} and keys 0..{tk - 1}; enlarge the layout"
             )
 
-    def _states(self, grid: Grid):
+    def tile_states(self, grid: Grid):
         counts = self._t.on(grid.device)["counts"]  # (B', H', nqb+1, nkb+1)
         bs = self.block_size
         q_lo, q_hi = grid.q_hull()
@@ -325,13 +327,13 @@ class KeyPadding(Mask):
         keep = self._t.on(k_pos.device)["keep"]
         return keep[_batch_index(b, keep.shape[0]), k_pos]
 
-    def _check(self, q_min, q_max, tk, batch, heads):
+    def check(self, q_min, q_max, tk, batch, heads):
         _check_batch("attention_mask", self.keep.shape[0], batch)
         if self.keep.shape[1] < tk:
             raise ValueError(f"attention_mask covers {self.keep.shape[1]} keys but the call has Tk={tk}; "
                              "give one entry per key (extend it by 1 per decoded token)")
 
-    def _intervals(self, q_pos):
+    def intervals(self, q_pos):
         if not self.contiguous:
             return None
         t = self._t.on(q_pos.device)

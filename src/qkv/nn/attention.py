@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import attention
+from ..functional import prepare, run
 from .linear import Linear
 from .norms import make_norm
 from .positions import RotaryEmbedding
@@ -96,7 +96,7 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.scale = scale
         self.backend = "auto"
-        # Called as observer(module, q, k, mask=..., bias=..., scale=...) before attention, with the
+        # Called as observer(module, call) before attention, with the validated `qkv.backends.Call` of the
         # heads the attention sees (after rotary and cache); qkv.explain uses it to read the weights.
         self.observer = None
 
@@ -143,11 +143,11 @@ class MultiHeadAttention(nn.Module):
                 q, k = rotary(q, k, positions)
             if cache is not None:
                 k, v = cache.append(layer, k, v)
-        if self.observer is not None:
-            self.observer(self, q, k, mask=mask, bias=bias, scale=self.scale)
         p = self.dropout if self.training else 0.0
-        result = attention(q, k, v, mask=mask, bias=bias, scale=self.scale, dropout_p=p, backend=self.backend,
-                           return_weights=return_weights)
+        call = prepare(q, k, v, mask=mask, bias=bias, scale=self.scale, dropout_p=p, return_weights=return_weights)
+        if self.observer is not None:
+            self.observer(self, call)  # reads the probabilities of this very call: validated and planned once
+        result = run(call, self.backend)
         out, weights = result if return_weights else (result, None)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o(out), weights

@@ -1,4 +1,4 @@
-"""qkv's native CPU kernel for interval masks (`_native.cpp`), built on first use.
+"""Building and loading qkv's native CPU kernel for interval masks (`kernel.cpp`), on first use.
 
 Masks under which every query row sees one contiguous key range (causal, sliding
 windows, documents, padding, prefix-LM, and their intersections) are served in
@@ -8,8 +8,9 @@ compiled once per machine with the host's C++ compiler (about a second) into
 ``$QKV_CACHE/native`` (default ``~/.cache/qkv/native``) and loaded with ctypes.
 
 Where there is no compiler, no BLAS in the torch build, or ``QKV_NATIVE=0`` is
-set, `available()` is False and callers use the fused-kernel tile path; nothing
-else changes. `status()` says which and why.
+set, `available()` is False and the registry does not offer the `native`
+backend (`auto` picks `chunked` instead); nothing else changes. `status()` says
+which and why.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("_native.cpp")
+_SOURCE = Path(__file__).with_name("kernel.cpp")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 _LOCK = threading.Lock()
 _STATE: dict = {}

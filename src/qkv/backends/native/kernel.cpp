@@ -10,7 +10,7 @@
 // output rows. The GEMMs are the BLAS `?gemm_` that PyTorch itself links, passed in
 // as a function pointer; threads come from OpenMP.
 //
-// Built on first use by qkv.backends._native with the host's C++ compiler; plain C++
+// Built on first use by qkv.backends.native.build with the host's C++ compiler; plain C++
 // with no PyTorch headers so that the build takes about a second.
 
 #include <algorithm>

@@ -2,7 +2,8 @@
 
 Masks and score mods are handed over as FlexAttention's ``mask_mod`` and
 ``score_mod`` (shifted to absolute query positions); the block mask is built
-once per mask, shape and device and cached on the mask. On CPU, compiled
+once per mask, shape and device and kept beside the call's plans (the registry's
+weak per-mask cache), never on the mask object. On CPU, compiled
 FlexAttention is inference-only and cannot return the log-sum-exp.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from .registry import plan_cache
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +61,12 @@ def _mask_mod(mask, q_offset, tq, tk):
 def _block_mask(mask, q_offset, B, H, Tq, Tk, device):
     if mask is None:
         return None
-    if not mask.cacheable:
+    cache = plan_cache(mask)
+    if cache is None:
         return create_block_mask(_mask_mod(mask, q_offset, Tq, Tk), B, H, Tq, Tk, device=device)
-    cache = mask.__dict__.setdefault("_qkv_flex_blocks", {})
-    key = (q_offset, B, H, Tq, Tk, str(device))
+    key = ("flex block mask", q_offset, B, H, Tq, Tk, str(device))
     if key not in cache:
-        if len(cache) >= 4:
+        if len(cache) >= 12:
             cache.pop(next(iter(cache)))
         cache[key] = create_block_mask(_mask_mod(mask, q_offset, Tq, Tk), B, H, Tq, Tk, device=device)
     return cache[key]

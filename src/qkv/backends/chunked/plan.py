@@ -4,7 +4,8 @@ A plan cuts the query rows into tiles and gives each tile the keys its mask
 leaves visible (one contiguous range where possible, else an index list) and
 whether the tile needs the elementwise mask. Keys outside are never touched,
 which is where sparse masks save their work. Plans of masks with structure
-(intervals, analytic tile states) cost O(Tq + tiles) and are cached on the mask.
+(intervals, analytic tile states) cost O(Tq + tiles); the registry caches them
+per call (`Call.plan`) and, for cacheable masks, across calls.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..masks._base import _BIG, EMPTY, FULL, Grid, Mask
+from ...masks import EMPTY, FULL, UNBOUNDED, Grid, Mask
 
 Q_TILE = 64  # query rows per tile: small enough that band masks waste little
 K_TILE = 64  # key granularity of skipping for masks without interval structure
 ALIGN = 16  # masked tiles are widened to a multiple of this: the fused kernel runs faster
 BAND_TILE = 32  # rows per tile inside bands: less band overlap wasted; batched calls hide the call overhead
 _CACHE_SIZE = 8
+SCRATCH_BYTES = 32 << 20  # per chunk of scores or per-tile kernel buffers; bounds memory for long rows
 
 
 @dataclass(frozen=True)
@@ -90,13 +92,18 @@ class Plan:
         return self.visited == self.tq * self.tk and not any(t.masked for t in self.tiles)
 
 
+def call_plan(mask: Mask | None, q_offset: int, tq: int, tk: int, batch: int, heads: int, device) -> Plan:
+    """The plan for contiguous query rows at ``q_offset .. q_offset + tq - 1`` (uncached; for inspection)."""
+    return plan_for(mask, torch.arange(tq, device=device) + q_offset, tk, batch, heads)
+
+
 def plan_for(mask: Mask | None, q_pos: torch.Tensor, tk: int, batch: int, heads: int,
-             q_tile: int | None = None, k_tile: int | None = None, cache_key=None) -> Plan:
-    """The tile plan of `mask` for query rows at `q_pos` against keys 0..tk-1 (cached when `cache_key` is given)."""
+             q_tile: int | None = None, k_tile: int | None = None, cache: dict | None = None, cache_key=None) -> Plan:
+    """The tile plan of `mask` for query rows at `q_pos` against keys 0..tk-1; kept in ``cache`` (a dict the
+    caller owns, e.g. `qkv.backends.registry.plan_cache`) under ``cache_key`` when both are given."""
     q_tile = q_tile or Q_TILE
     k_tile = k_tile or K_TILE
-    if mask is not None and cache_key is not None and mask.cacheable:
-        cache = mask.__dict__.setdefault("_qkv_plans", {})
+    if mask is not None and cache_key is not None and cache is not None:
         key = (cache_key, tk, batch, heads, q_tile, k_tile, str(q_pos.device))
         plan = cache.get(key)
         if plan is None:
@@ -113,11 +120,11 @@ def _build(mask, q_pos, tk, batch, heads, q_tile, k_tile) -> Plan:
     if mask is None:
         tiles = [Tile(r0, min(r0 + q_tile, tq), slice(0, tk), tk, False) for r0 in range(0, tq, q_tile)] if tk else []
         return Plan(tuple(tiles), tq, tk)
-    iv = mask._intervals(q_pos)
+    iv = mask.intervals(q_pos)
     if iv is not None:
         return _interval_plan(*iv, q_pos, tk, q_tile)
     grid = Grid(q_pos, tk, q_tile, k_tile, batch, heads)
-    return _state_plan(mask._states(grid), grid)
+    return _state_plan(mask.tile_states(grid), grid)
 
 
 def _interval_plan(lo: torch.Tensor, hi: torch.Tensor, q_pos: torch.Tensor, tk: int, q_tile: int) -> Plan:
@@ -126,11 +133,11 @@ def _interval_plan(lo: torch.Tensor, hi: torch.Tensor, q_pos: torch.Tensor, tk: 
     grid = Grid(q_pos, tk, q_tile, 1, 1, 1)
     lo_c, hi_c = lo.clamp(min=0), hi.clamp(max=tk - 1)
     live = lo_c <= hi_c
-    first = grid.row_tiles(torch.where(live, lo_c, _BIG), _BIG).amin(-1).amin(0)  # (nQ,)
-    last = grid.row_tiles(torch.where(live, hi_c, -_BIG), -_BIG).amax(-1).amax(0)
+    first = grid.row_tiles(torch.where(live, lo_c, UNBOUNDED), UNBOUNDED).amin(-1).amin(0)  # (nQ,)
+    last = grid.row_tiles(torch.where(live, hi_c, -UNBOUNDED), -UNBOUNDED).amax(-1).amax(0)
     # Unmasked iff every row (of every batch entry) sees exactly [first, last].
-    row_lo = grid.row_tiles(torch.where(live, lo, _BIG), -_BIG).amax(-1).amax(0)
-    row_hi = grid.row_tiles(torch.where(live, hi, -_BIG), _BIG).amin(-1).amin(0)
+    row_lo = grid.row_tiles(torch.where(live, lo, UNBOUNDED), -UNBOUNDED).amax(-1).amax(0)
+    row_hi = grid.row_tiles(torch.where(live, hi, -UNBOUNDED), UNBOUNDED).amin(-1).amin(0)
     exact = (row_lo <= first) & (row_hi >= last)
     tiles = []
     for i, (k0, k1, ex) in enumerate(zip(first.tolist(), last.tolist(), exact.tolist())):
@@ -159,7 +166,7 @@ def _bands(lo, hi, q_pos, tk, q_tile, grid: Grid, live) -> tuple[Band, ...]:
     rl, rh = rl[:, 0], rh[:, 0]
     k0 = torch.arange(n, device=q_pos.device) * q_tile + off + rl
     k1 = k0 + q_tile + rh - rl  # one past the last visible key of the tile (rl, rh: per-tile constants)
-    ok &= (k0 >= 0) & (k1 <= tk) & (rl > -_BIG // 2) & (rh < _BIG // 2)
+    ok &= (k0 >= 0) & (k1 <= tk) & (rl > -UNBOUNDED // 2) & (rh < UNBOUNDED // 2)
     bands = []
     ok_l, rl_l, rh_l = ok.tolist(), rl.tolist(), rh.tolist()
     sub = BAND_TILE if q_tile % BAND_TILE == 0 else q_tile

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks._indexed import call_indexed
+from ..masks import call_indexed, index_grid
 
 _FLASH_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -27,17 +27,6 @@ NEG_INF = float("-inf")
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed in float32; float32/64 in themselves."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def index_grids(batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor):
-    """Broadcastable (b, h, q_pos, k_pos) index tensors for masks and score mods."""
-    dev = q_pos.device
-    return (
-        torch.arange(batch, device=dev).view(-1, 1, 1, 1),
-        torch.arange(heads, device=dev).view(1, -1, 1, 1),
-        q_pos.view(1, 1, -1, 1),
-        k_pos.view(1, 1, 1, -1),
-    )
 
 
 def scores(q, k, *, scale, q_pos, k_pos, mask=None, bias=None, score_mod=None) -> torch.Tensor:
@@ -52,7 +41,7 @@ def scores(q, k, *, scale, q_pos, k_pos, mask=None, bias=None, score_mod=None) -
     qa = q.to(acc).view(B, Hkv, Hq // Hkv, r, D)
     s = torch.matmul(qa, k.to(acc).unsqueeze(2).transpose(-1, -2)).view(B, Hq, r, W) * scale
     if score_mod is not None:
-        s = _modified(score_mod, s, index_grids(B, Hq, q_pos, k_pos))
+        s = _modified(score_mod, s, index_grid(B, Hq, q_pos, k_pos))
     if bias is not None:
         s = s + bias.to(acc)
     if mask is not None:

@@ -5,13 +5,17 @@ dropout_p, return_weights, return_lse) -> (out, weights | None, lse | None)``.
 It receives validated, normalised arguments: ``mask`` is a `qkv.masks.Mask`
 or None (already bound to the call), ``bias`` is 4-D or None, ``scale`` a
 float, ``q_offset`` an int. It is only called for what its capabilities say
-it supports.
+it supports. Registered with ``takes_call=True`` it receives the validated
+`Call` itself instead, with the call's query positions and tile plan, computed
+once and shared by every pass over the call (the built-in backends do this).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import weakref
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 
 import torch
 
@@ -53,6 +57,7 @@ class Call:
     dropout_p: float = 0.0
     return_weights: bool = False
     return_lse: bool = False
+    rows: torch.Tensor | None = None  # weights of selected rows only: their indices (q holds just those rows)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int, int]:
@@ -66,18 +71,72 @@ class Call:
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
     def kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("q", "k", "v")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("q", "k", "v", "rows")}
 
     def replace(self, **changes) -> Call:
         return replace(self, **changes)
+
+    @cached_property
+    def q_pos(self) -> torch.Tensor:
+        """Absolute positions of the query rows, (Tq,) int64 on q's device."""
+        if self.rows is not None:
+            return self.rows + self.q_offset
+        return torch.arange(self.q.shape[2], device=self.q.device) + self.q_offset
+
+    @cached_property
+    def plan(self):
+        """The tile plan of the call's mask (`qkv.backends.chunked.plan`), built once per call and kept
+        across calls for cacheable masks (keyed weakly on the mask object)."""
+        from .chunked.plan import plan_for
+
+        B, Hq, Hkv, Tq, Tk, D, Dv = self.shape
+        key = ("rows", self.q_offset, Tq) if self.rows is None else None  # selected rows: not worth keeping
+        return plan_for(self.mask, self.q_pos, Tk, B, Hq, cache=plan_cache(self.mask), cache_key=key)
+
+    @cached_property
+    def intervals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row visible key bounds ``(lo, hi)`` (B', Tq) of the mask (all keys without one), or None."""
+        if self.mask is None:
+            lo = torch.zeros(1, self.q.shape[2], dtype=torch.int64, device=self.q.device)
+            return lo, lo + self.k.shape[2] - 1
+        return self.mask.intervals(self.q_pos)
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mask -> {key: plan}, for cacheable masks
+
+
+def plan_cache(mask) -> dict | None:
+    """The plan cache of ``mask`` (None for masks whose answers may change between calls)."""
+    if mask is None or not mask.cacheable:
+        return None
+    try:
+        return _PLANS.setdefault(mask, {})
+    except TypeError:  # a mask type that cannot be weakly referenced: no caching
+        return None
 
 
 @dataclass
 class Backend:
     name: str
     fn: Callable
-    caps: Capabilities
+    declared: Capabilities
     check: Callable[[Call], str | None] | None = field(default=None, repr=False)
+    takes_call: bool = False
+    probe: Callable[[], tuple[bool, str]] | None = field(default=None, repr=False)  # availability, asked once
+
+    @property
+    def caps(self) -> Capabilities:
+        """The declared capabilities, with availability settled on first use (`probe`, e.g. a kernel build)."""
+        if self.probe is not None:
+            ok, why = self.probe()
+            self.declared, self.probe = replace(self.declared, available=ok, reason=why), None
+        return self.declared
+
+    def run(self, call: Call):
+        """``(out, weights | None, lse | None)`` for a validated call."""
+        if self.takes_call:
+            return self.fn(call)
+        return self.fn(call.q, call.k, call.v, **call.kwargs())
 
     def missing(self, call: Call) -> list[str]:
         """What this backend lacks for `call`; empty when it can serve it."""
@@ -109,12 +168,14 @@ class Backend:
 _REGISTRY: dict[str, Backend] = {}
 
 
-def register(name: str, fn: Callable, *, check: Callable[[Call], str | None] | None = None, **capabilities) -> None:
+def register(name: str, fn: Callable, *, check: Callable[[Call], str | None] | None = None,
+             takes_call: bool = False, **capabilities) -> None:
     """Add (or replace) a backend. ``capabilities`` are fields of `Capabilities`,
     with or without a ``supports_`` prefix: ``register("mine", fn, supports_weights=True)``.
 
     ``check(call) -> str | None`` may refuse calls the flags cannot describe,
-    returning the reason.
+    returning the reason. ``takes_call``: ``fn(call)`` receives the validated `Call`.
+    ``available`` may be a function ``() -> (bool, reason)``, asked on first use.
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
@@ -125,8 +186,15 @@ def register(name: str, fn: Callable, *, check: Callable[[Call], str | None] | N
     unknown = sorted(set(capabilities) - known)
     if unknown:
         raise TypeError(f"backend {name!r}: unknown capabilities {unknown}; known: {sorted(known)}")
+    probe = capabilities.pop("available") if callable(capabilities.get("available")) else None
     caps = Capabilities(**capabilities)
-    _REGISTRY[name] = Backend(name, fn, caps, check)
+    _REGISTRY[name] = Backend(name, fn, caps, check, takes_call, probe)
+
+
+def unregister(name: str) -> None:
+    """Remove a backend added with `register` (unknown names raise, listing the known ones)."""
+    get(name)
+    del _REGISTRY[name]
 
 
 def get(name: str) -> Backend:

@@ -1,0 +1,37 @@
+"""The `sdpa` backend: `torch.nn.functional.scaled_dot_product_attention`.
+
+Aligned causal masks (``q_offset == 0``, SDPA's top-left ``is_causal``) go to its
+causal kernels; other masks are materialised as a bool tensor (a stored tensor
+mask as it is) and combined with a bias as an additive mask.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .registry import Call
+
+
+def sdpa(call: Call):
+    q, k, v, mask, bias = call.q, call.k, call.v, call.mask, call.bias
+    B, Hq, Tq = q.shape[:3]
+    Tk = k.shape[2]
+    is_causal = False
+    dense = None
+    if mask is not None:
+        if mask.is_causal and call.q_offset == 0 and bias is None:
+            is_causal = True  # SDPA's is_causal is top-left aligned: query i sees keys <= i
+        else:
+            dense = mask.dense(call.q_pos, Tk, B, Hq)
+    attn_mask = dense
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)
+        if dense is not None:
+            attn_mask = attn_mask.masked_fill(~dense, float("-inf"))
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p, is_causal=is_causal, scale=call.scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    if dense is not None and q.device.type != "cpu":
+        out = out.masked_fill(~dense.any(-1, keepdim=True), 0.0)  # not every GPU kernel zeroes empty rows
+    return out, None, None
