@@ -12,6 +12,7 @@ import subprocess
 
 import pytest
 
+USED = False  # set once a test has opened a page (conftest reports the version at the end)
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -40,6 +41,8 @@ def page(viewport=(1400, 900)):
     exe = executable()
     if exe is None:
         pytest.skip("browser tests need Chromium: apt-get install chromium")
+    global USED
+    USED = True
     with sync.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=exe, args=ARGS)
         try:

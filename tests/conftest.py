@@ -17,3 +17,11 @@ def pytest_report_header(config):
     from browser import version
 
     return f"browser for the HTML tests: {version()}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the browser the HTML tests ran with (also with -q, where the header is not shown)."""
+    import browser
+
+    if browser.USED:
+        terminalreporter.write_line(f"browser for the HTML tests: {browser.version()}")
