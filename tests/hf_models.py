@@ -99,3 +99,60 @@ def tiny_gpt_folder(path: Path) -> Path:
                        bos_token_id=2, eos_token_id=2, pad_token_id=0)
     T.GPT2LMHeadModel(cfg).save_pretrained(path)
     return path
+
+
+# One tiny random model per family for config-field tests: (model class, config class, config kwargs).
+FAMILIES = {
+    "bert": (T.BertModel, T.BertConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=48, vocab_size=100, max_position_embeddings=64)),
+    "gpt2": (T.GPT2LMHeadModel, T.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                                    bos_token_id=1, eos_token_id=2)),
+    "llama": (T.LlamaForCausalLM, T.LlamaConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=48, vocab_size=100,
+                                                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2)),
+    "t5": (T.T5ForConditionalGeneration, T.T5Config, dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                                          vocab_size=100, decoder_start_token_id=0)),
+    "bart": (T.BartForConditionalGeneration, T.BartConfig, dict(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=100, max_position_embeddings=64,
+        forced_eos_token_id=None)),
+    "vit": (T.ViTModel, T.ViTConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=48, image_size=16, patch_size=4)),
+    "whisper": (T.WhisperForConditionalGeneration, T.WhisperConfig, dict(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, vocab_size=100, num_mel_bins=16, max_source_positions=20,
+        max_target_positions=32, decoder_start_token_id=90, eos_token_id=91, pad_token_id=91, bos_token_id=91,
+        suppress_tokens=[], begin_suppress_tokens=[91])),
+}
+
+
+def save_family(folder: Path, family: str, seed: int = 0, **overrides):
+    """A random tiny transformers model of ``family`` (config kwargs changed by ``overrides``), saved in
+    ``folder``; returns it in eval mode."""
+    cls, cfg_cls, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    hf = cls(cfg_cls(**{**kwargs, **overrides}, attn_implementation="eager")).eval()
+    hf.save_pretrained(folder)
+    return hf
+
+
+@torch.no_grad()
+def family_outputs(family: str, hf, model):
+    """(transformers output, qkv output) of one forward on the same random inputs: logits where the
+    family has a head, else the last hidden state."""
+    g = torch.Generator().manual_seed(1)
+    if family == "vit":
+        size = hf.config.image_size
+        x = torch.randn(2, hf.config.num_channels, *(size if isinstance(size, list) else [size, size]), generator=g)
+        return hf(pixel_values=x).last_hidden_state, model(x).last_hidden_state
+    vocab = hf.config.vocab_size
+    dec = torch.randint(3, vocab, (2, 5), generator=g)
+    if family == "whisper":
+        feats = torch.randn(2, 16, 40, generator=g)
+        return hf(input_features=feats, decoder_input_ids=dec).logits, model(feats, decoder_input_ids=dec).logits
+    ids = torch.randint(3, vocab, (2, 9), generator=g)
+    if family == "bert":
+        return hf(input_ids=ids).last_hidden_state, model(ids).last_hidden_state
+    if family in ("t5", "bart"):
+        return hf(input_ids=ids, decoder_input_ids=dec).logits, model(ids, decoder_input_ids=dec).logits
+    return hf(input_ids=ids).logits, model(ids).logits

@@ -4,6 +4,6 @@
 """
 
 from . import ctranslate2, huggingface
-from ._keymap import ConversionError, KeyMap, check_complete
+from ._keymap import ConversionError, KeyMap, check_complete, find_prefix
 
-__all__ = ["huggingface", "ctranslate2", "ConversionError", "KeyMap", "check_complete"]
+__all__ = ["huggingface", "ctranslate2", "ConversionError", "KeyMap", "check_complete", "find_prefix"]

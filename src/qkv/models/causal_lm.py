@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RotaryEmbedding, TransformerEncoder
+from . import _checks
 from ._base import Model, ModelOutput, key_mask, positions_from_mask, step_mask
 from .generation import decode, finish, prepare
 
@@ -32,7 +33,8 @@ class CausalLMConfig:
     norm: str = "layer"  # "layer" (GPT-2) or "rms" (Llama)
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # GPT-2's gelu_new; Llama: "swiglu"
-    bias: bool = True
+    bias: bool = True  # biases of the attention projections (and of the feed-forward, unless mlp_bias says)
+    mlp_bias: bool | None = None  # biases of the feed-forward projections; None: = bias (Llama: mlp_bias)
     qk_norm: str | None = None
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -46,16 +48,40 @@ class CausalLMConfig:
     token_conv: int = 0
 
     def __post_init__(self):
-        if self.positions not in ("learned", "rotary"):
-            raise ValueError(f"positions={self.positions!r} must be 'learned' or 'rotary'")
-        if self.token_conv < 0 or self.token_conv == 1:
-            raise ValueError(f"token_conv={self.token_conv} must be 0 (none) or a width >= 2")
-        self.block()  # validates the block fields
+        _checks.check_types(self)
+        _checks.sizes(self, "vocab_size", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_positions",
+                      "rotary_dim")
+        _checks.layers(self, "n_layers")
+        _checks.tokens(self, "bos_token_id", "eos_token_id", "pad_token_id")
+        _checks.sizes(self, "token_conv", lo=0, hi=_checks.MAX_SIZE)
+        _checks.positive(self, "rope_theta", "norm_eps")
+        _checks.fractions(self, "dropout", "attn_dropout")
+        _checks.choices(self, positions=("learned", "rotary"), qk_norm=(None, "rms", "layer"))
+        if self.token_conv == 1:
+            raise ValueError(f"CausalLMConfig: token_conv={self.token_conv} must be 0 (none) or a width >= 2")
+        _checks.heads(self, self.dim, self.n_heads, self.head_dim, self.n_kv_heads)
+        head_dim = self.head_dim or self.dim // self.n_heads
+        if self.rotary_dim is not None and (self.rotary_dim > head_dim or self.rotary_dim % 2):
+            raise ValueError(f"CausalLMConfig: rotary_dim={self.rotary_dim} must be even and at most the head "
+                             f"width {head_dim}")
+        self.block()  # validates activation and norm
+        _checks.budget(self, self.parameter_estimate(),
+                       ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "ffn_dim", "max_positions"))
+
+    def parameter_estimate(self) -> int:
+        """About how many parameters a model of this config holds (computed, nothing allocated)."""
+        head_dim = self.head_dim or self.dim // self.n_heads
+        block = _checks.block_parameters(self.dim, self.n_heads, head_dim, self.n_kv_heads or self.n_heads,
+                                         self.ffn_dim, self.activation)
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        pos = self.max_positions * self.dim if self.positions == "learned" else 0
+        return embed + pos + self.n_layers * block + self.token_conv * self.dim
 
     def block(self) -> BlockConfig:
         return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, n_kv_heads=self.n_kv_heads,
                            head_dim=self.head_dim, activation=self.activation, norm=self.norm,
-                           norm_eps=self.norm_eps, prenorm=True, bias=self.bias, qk_norm=self.qk_norm,
+                           norm_eps=self.norm_eps, prenorm=True, bias=self.bias, ffn_bias=self.mlp_bias,
+                           qk_norm=self.qk_norm,
                            dropout=self.dropout, attn_dropout=self.attn_dropout)
 
 

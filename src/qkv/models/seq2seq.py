@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RelativePositionBias, TransformerDecoder, TransformerEncoder
+from . import _checks
 from ._base import Model, ModelOutput, key_mask, step_mask
 from .generation import decode, finish, prepare
 
@@ -50,9 +51,34 @@ class Seq2SeqConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        if self.positions not in ("relative", "learned"):
-            raise ValueError(f"positions={self.positions!r} must be 'relative' or 'learned'")
-        self.block(False)
+        _checks.check_types(self)
+        self._check_values()
+        _checks.budget(self, self.parameter_estimate(), self._size_fields)
+
+    _size_fields = ("vocab_size", "dim", "n_layers", "n_decoder_layers", "n_heads", "head_dim", "ffn_dim",
+                    "max_positions")
+
+    def _check_values(self) -> None:
+        _checks.sizes(self, "vocab_size", "dim", "n_heads", "head_dim", "ffn_dim", "relative_buckets",
+                      "relative_max_distance", "max_positions")
+        _checks.sizes(self, "position_offset", lo=0)
+        _checks.layers(self, "n_layers", "n_decoder_layers")
+        _checks.tokens(self, "decoder_start_token_id", "eos_token_id", "pad_token_id")
+        _checks.positive(self, "norm_eps", "scale", "embed_scale")
+        _checks.fractions(self, "dropout", "attn_dropout")
+        _checks.choices(self, positions=("relative", "learned"))
+        _checks.heads(self, self.dim, self.n_heads, self.head_dim)
+        self.block(False)  # validates activation and norm
+
+    def parameter_estimate(self) -> int:
+        """About how many parameters a model of this config holds (computed, nothing allocated)."""
+        d, h = self.dim, self.n_heads
+        hd = self.head_dim or d // h
+        enc = _checks.block_parameters(d, h, hd, h, self.ffn_dim, self.activation)
+        dec = _checks.block_parameters(d, h, hd, h, self.ffn_dim, self.activation, cross=True)
+        pos = 2 * (self.max_positions * d if self.positions == "learned" else self.relative_buckets * h)
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return embed + pos + self.n_layers * enc + (self.n_decoder_layers or self.n_layers) * dec
 
     def block(self, cross: bool) -> BlockConfig:
         return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, head_dim=self.head_dim,

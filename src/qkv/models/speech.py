@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import TransformerEncoder
+from . import _checks
 from . import audio as _audio
 from ._base import ModelOutput
 from .seq2seq import Seq2Seq, Seq2SeqConfig
@@ -51,6 +52,20 @@ class WhisperConfig(Seq2SeqConfig):
     prompt: list[int] | None = None  # decoder prompt; None: [start, no_timestamps]
     suppress_tokens: list[int] = field(default_factory=list)  # never generated
     begin_suppress_tokens: list[int] = field(default_factory=lambda: [220, 50256])  # not as the first token
+
+    _size_fields = Seq2SeqConfig._size_fields + ("n_mels", "audio_positions")
+
+    def _check_values(self) -> None:
+        super()._check_values()
+        _checks.sizes(self, "n_mels", "audio_positions")
+        _checks.tokens(self, "no_timestamps_token_id", "prompt", "suppress_tokens", "begin_suppress_tokens")
+
+    def parameter_estimate(self) -> int:
+        """Seq2Seq's estimate plus the convolutional stem and its position table (the encoder has no
+        token embeddings or learned positions of its own)."""
+        d = self.dim
+        stem = 3 * d * (self.n_mels + d) + self.audio_positions * d
+        return super().parameter_estimate() - self.max_positions * d + stem
 
     def decoder_prompt(self) -> list[int]:
         if self.prompt is not None:

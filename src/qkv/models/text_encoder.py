@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BlockConfig, LearnedPositions, Linear, TransformerEncoder
+from . import _checks
 from ._base import Model, ModelOutput, key_mask
 
 HEADS = (None, "sequence_classification", "token_classification", "question_answering")
@@ -39,14 +40,31 @@ class TextEncoderConfig:
     max_length: int = 512  # texts are truncated to this many tokens
 
     def __post_init__(self):
-        if self.head not in HEADS:
-            raise ValueError(f"head={self.head!r} is not one of {HEADS}")
-        if self.pooling not in POOLING:
-            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLING}")
-        if self.labels is not None and len(self.labels) != self.num_labels:
-            raise ValueError(f"labels has {len(self.labels)} names but num_labels={self.num_labels}")
+        _checks.check_types(self)
+        _checks.sizes(self, "vocab_size", "dim", "n_heads", "ffn_dim", "max_positions", "num_labels", "max_length")
+        _checks.sizes(self, "type_vocab_size", lo=0)
+        _checks.layers(self, "n_layers")
+        _checks.positive(self, "norm_eps")
+        _checks.fractions(self, "dropout", "attn_dropout")
+        _checks.choices(self, head=HEADS, pooling=POOLING)
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"TextEncoderConfig: pad_token_id={self.pad_token_id} must be a token id below "
+                             f"vocab_size={self.vocab_size}")
+        _checks.labels(self)
         if self.max_length > self.max_positions:
             raise ValueError(f"max_length={self.max_length} exceeds max_positions={self.max_positions}")
+        _checks.heads(self, self.dim, self.n_heads, None)
+        self.block()  # validates the activation
+        _checks.budget(self, self.parameter_estimate(),
+                       ("vocab_size", "dim", "n_layers", "ffn_dim", "max_positions", "type_vocab_size"))
+
+    def parameter_estimate(self) -> int:
+        """About how many parameters a model of this config holds (computed, nothing allocated)."""
+        d = self.dim
+        block = _checks.block_parameters(d, self.n_heads, d // self.n_heads, self.n_heads, self.ffn_dim,
+                                         self.activation)
+        embed = (self.vocab_size + self.max_positions + self.type_vocab_size) * d
+        return embed + self.n_layers * block + (d * d if self.pooler else 0) + d * self.num_labels
 
     def block(self) -> BlockConfig:
         return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, activation=self.activation,

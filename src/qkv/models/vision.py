@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import BlockConfig, Linear, RotaryEmbedding, TransformerEncoder
+from . import _checks
 from ._base import Model, ModelOutput
 
 
@@ -45,17 +47,38 @@ class ViTConfig:
     input: str = "image"  # what classify() reads: "image" files/arrays, "audio" clips (log-mel), "signal" arrays
 
     def __post_init__(self):
-        for name, allowed in (("stem", ("patch", "conv")), ("positions", ("learned", "rotary")),
-                              ("pool", ("cls", "mean")), ("input", ("image", "audio", "signal"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
+        _checks.check_types(self)
+        _checks.sizes(self, "image_size", "patch_size", "channels", "dim", "n_heads", "ffn_dim")
+        _checks.sizes(self, "num_labels", lo=0)
+        _checks.layers(self, "n_layers")
+        _checks.positive(self, "norm_eps", "image_std")
+        _checks.fractions(self, "dropout", "attn_dropout")
+        _checks.choices(self, stem=("patch", "conv"), positions=("learned", "rotary"), pool=("cls", "mean"),
+                        input=("image", "audio", "signal"), resample=("bilinear", "bicubic", "nearest", "lanczos"))
         size, patch = self.size, self.patch
         if len(size) not in (1, 2) or len(patch) != len(size):
             raise ValueError(f"image_size={self.image_size} and patch_size={self.patch_size} must both be 1-D or 2-D")
         if any(s % p for s, p in zip(size, patch)):
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if self.labels is not None and len(self.labels) != self.num_labels:
-            raise ValueError(f"labels has {len(self.labels)} names but num_labels={self.num_labels}")
+        if self.input == "image" and min(len(self.image_mean), len(self.image_std)) < self.channels:
+            raise ValueError(f"ViTConfig: image_mean={self.image_mean} and image_std={self.image_std} need a value "
+                             f"per channel (channels={self.channels})")
+        _checks.labels(self)
+        _checks.heads(self, self.dim, self.n_heads, None)
+        self.block()  # validates the activation
+        _checks.budget(self, self.parameter_estimate(),
+                       ("image_size", "patch_size", "channels", "dim", "n_layers", "ffn_dim", "num_labels"))
+
+    def parameter_estimate(self) -> int:
+        """About how many parameters a model of this config holds (computed, nothing allocated)."""
+        d = self.dim
+        patches = math.prod(s // p for s, p in zip(self.size, self.patch))
+        stem = (self.channels * 9 * d // 2 + 9 * (d // 2) ** 2) if self.stem == "conv" else 0
+        patch = (d // 2 if self.stem == "conv" else self.channels) * math.prod(self.patch) * d
+        block = _checks.block_parameters(d, self.n_heads, d // self.n_heads, self.n_heads, self.ffn_dim,
+                                         self.activation)
+        pos = (patches + 1) * d if self.positions == "learned" else 0
+        return stem + patch + pos + self.n_layers * block + (d * d if self.pooler else 0) + d * self.num_labels
 
     @property
     def size(self) -> tuple[int, ...]:

@@ -27,8 +27,9 @@ class BlockConfig:
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm bias
     prenorm: bool = True  # x + f(norm(x)) (GPT-2, Llama, T5); False: norm(x + f(x)) (BERT, BART)
-    bias: bool = True  # biases of the attention output and feed-forward projections
+    bias: bool = True  # biases of the attention output (and, by default, q/k/v and feed-forward) projections
     qkv_bias: bool | None = None  # biases of the q, k, v projections; None: = bias
+    ffn_bias: bool | None = None  # biases of the feed-forward projections; None: = bias (Llama sets them apart)
     cross_attention: bool = False  # decoder blocks of encoder-decoder models
     context_dim: int | None = None  # width of the cross-attended context; None: dim
     qk_norm: str | None = None  # "rms" / "layer" normalisation of each query and key head
@@ -67,7 +68,8 @@ class TransformerBlock(nn.Module):
         if cfg.cross_attention:
             self.cross = MultiHeadAttention(cfg.dim, cfg.n_heads, kv_dim=cfg.context_dim or cfg.dim, **attn)
             self.cross_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation, bias=cfg.bias, dropout=cfg.dropout)
+        ffn_bias = cfg.bias if cfg.ffn_bias is None else cfg.ffn_bias
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.activation, bias=ffn_bias, dropout=cfg.dropout)
         self.ffn_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
         self.drop = nn.Dropout(cfg.dropout)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -83,6 +83,26 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no model.safetensors in {folder}")
 
 
+def _tensor_names(folder: Path) -> set[str]:
+    """The tensor names of ``model.safetensors`` (or its shards' index), read from the headers only."""
+    single = folder / "model.safetensors"
+    if single.exists():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return set(f.keys())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{single}: not a readable safetensors file ({e}); it may be truncated or corrupt: "
+                             "fetch or save it again") from None
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if isinstance(weight_map, dict):
+            return set(weight_map)
+    return set(read_safetensors(folder))  # raises the error that says what is missing
+
+
 def _inside(folder: Path, name: str, listed_in: Path) -> Path:
     """``folder / name``, refused when it leaves the folder (``../``, absolute paths, links out)."""
     path = (folder / name).resolve()
@@ -100,7 +120,7 @@ def _sentence_transformers(folder: Path, config):
     for m in read_json(modules, expect=list):
         if not isinstance(m, dict):
             raise ValueError(f"{modules}: each entry must be an object with \"type\" and \"path\"")
-        kind = m.get("type", "").rsplit(".", 1)[-1]
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
         if kind == "Pooling":
             pc = read_json(_inside(folder, str(m.get("path", "")), modules) / "config.json")
             for flag, mode in (("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
@@ -131,10 +151,13 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
     hf = read_json(cfg_file)
     if "qkv_family" in hf:  # saved by qkv (qkv.train.save_pretrained): our own keys, no conversion
         return _load_native(folder, hf, device=device, dtype=dtype, backend=backend)
-    sd = read_safetensors(folder)
-    side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json"}.get(hf.get("model_type"))
+    kind = hf.get("model_type")
+    side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json"}.get(kind) \
+        if isinstance(kind, str) else None
     extra = read_json(folder / side) if side and (folder / side).exists() else None
-    family, config = huggingface.config_from_hf(hf, set(sd), extra)
+    # the config is checked (sizes against memory too) before any weights are read
+    family, config = huggingface.config_from_hf(hf, _tensor_names(folder), extra, source=str(cfg_file))
+    sd = read_safetensors(folder)
     if family == "text_encoder":
         config = _sentence_transformers(folder, config)
     return _finish(folder, family, config, huggingface.convert(hf["model_type"], sd, config), device=device,
@@ -142,14 +165,36 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
 
 
 def _load_native(folder: Path, cfg: dict, *, device, dtype, backend):
+    """A folder qkv saved: ``qkv_family`` and ``qkv_config`` (the config dataclass's fields) in config.json."""
     from typing import get_type_hints
 
+    where = folder / "config.json"
     family = cfg["qkv_family"]
-    if family not in FAMILIES:
-        raise ConversionError(f"{folder}/config.json: unknown qkv_family {family!r}; known: {sorted(FAMILIES)}")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ConversionError(f"{where}: unknown qkv_family {family!r}; known: {sorted(FAMILIES)}")
+    values = cfg.get("qkv_config")
+    if not isinstance(values, dict):
+        raise ConversionError(f"{where}: qkv_config must be an object of {family} config fields, found "
+                              f"{type(values).__name__ if 'qkv_config' in cfg else 'none'}; save the model again")
     config_class = get_type_hints(FAMILIES[family].__init__)["config"]
-    model = FAMILIES[family](config_class(**cfg["qkv_config"]))
-    load_weights(model, folder / "model.safetensors")
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConversionError(f"{where}: qkv_config field {unknown[0]!r} is not a field of {config_class.__name__} "
+                              f"(known: {sorted(known)}); it was saved by another qkv version or edited: remove it")
+    try:
+        config = config_class(**values)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{where}: qkv_config does not describe a model qkv can build: {e}") from None
+    model = FAMILIES[family](config)
+    try:
+        load_weights(model, folder / "model.safetensors")
+    except ValueError as e:
+        missing = sorted(known - set(values))
+        if not missing:
+            raise
+        raise ValueError(f"{e}; {where}: qkv_config lacks the fields {missing}, whose defaults were used: "
+                         "restore them") from None
     return _attach(model.eval(), folder, family, model.config, device=device, dtype=dtype, backend=backend)
 
 

@@ -1,8 +1,10 @@
 """Hugging Face checkpoints -> qkv: configs (``config.json`` dicts) and pure state-dict converters.
 
-One function per architecture, each an explicit key map: every checkpoint key
-is used or deliberately ignored (buffers, tied duplicates), every model key is
-filled, or `ConversionError` names the keys.
+Configs: every ``config.json`` field is in its family's table (`_tables`): implemented, accepted at
+one value, or harmless; any other field is refused by name. Converters: one function per
+architecture, each an explicit key map ending in `KeyMap.result`: every checkpoint key is used or
+deliberately ignored (buffers, tied duplicates), every key looked for exists, or `ConversionError`
+names the keys.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from .._keymap import ConversionError
+from ._tables import TABLES
 from .speech import whisper, whisper_config
 from .text import bart, bart_config, bert, bert_config, gpt2, gpt2_config, llama, llama_config, t5, t5_config
 from .vision import vit, vit_config
@@ -19,21 +22,31 @@ from .vision import vit, vit_config
 CONVERTERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "vit": vit, "whisper": whisper}
 
 
-def config_from_hf(cfg: Mapping, keys: set[str] = frozenset(), extra: Mapping | None = None):
+def config_from_hf(cfg: Mapping, keys: set[str] = frozenset(), extra: Mapping | None = None,
+                   source: str = "config.json"):
     """(family, qkv config) for a ``config.json`` dict; ``keys`` are the checkpoint's tensor names;
-    ``extra`` is the side file a family reads (preprocessor_config.json, generation_config.json)."""
+    ``extra`` is the side file a family reads (preprocessor_config.json, generation_config.json);
+    ``source`` names the file in error messages."""
+    if not isinstance(cfg, Mapping):
+        raise ConversionError(f"{source}: expected a JSON object ({{...}}), found a {type(cfg).__name__}")
+    if extra is not None and not isinstance(extra, Mapping):
+        raise ConversionError(f"{source}: its side file must be a JSON object, found a {type(extra).__name__}")
     kind = cfg.get("model_type")
     if kind == "bert":
-        return "text_encoder", bert_config(cfg, keys)
+        return "text_encoder", bert_config(cfg, keys, source=source)
     if kind in ("gpt2", "llama"):
-        return "causal_lm", (gpt2_config if kind == "gpt2" else llama_config)(cfg)
-    if kind in ("t5", "bart"):
-        return "seq2seq", (t5_config if kind == "t5" else bart_config)(cfg)
+        return "causal_lm", (gpt2_config if kind == "gpt2" else llama_config)(cfg, source=source)
+    if kind == "t5":
+        return "seq2seq", t5_config(cfg, keys, source=source)
+    if kind == "bart":
+        return "seq2seq", bart_config(cfg, source=source)
     if kind == "vit":
-        return "vision", vit_config(cfg, keys, extra)
+        return "vision", vit_config(cfg, keys, extra, source=source)
     if kind == "whisper":
-        return "speech", whisper_config(cfg, extra)
-    raise ConversionError(f"model_type {kind!r} is not supported; supported: {sorted(CONVERTERS)}")
+        return "speech", whisper_config(cfg, extra, source=source)
+    if kind is None:
+        raise ConversionError(f"{source} has no field 'model_type'; supported: {sorted(CONVERTERS)}")
+    raise ConversionError(f"{source}: model_type {kind!r} is not supported; supported: {sorted(CONVERTERS)}")
 
 
 def convert(model_type: str, sd: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
@@ -43,5 +56,6 @@ def convert(model_type: str, sd: Mapping[str, torch.Tensor], config) -> dict[str
     return CONVERTERS[model_type](sd, config)
 
 
-__all__ = ["CONVERTERS", "config_from_hf", "convert", "bert", "gpt2", "llama", "t5", "bart", "vit", "whisper",
-           "bert_config", "gpt2_config", "llama_config", "t5_config", "bart_config", "vit_config", "whisper_config"]
+__all__ = ["CONVERTERS", "TABLES", "config_from_hf", "convert", "bert", "gpt2", "llama", "t5", "bart", "vit",
+           "whisper", "bert_config", "gpt2_config", "llama_config", "t5_config", "bart_config", "vit_config",
+           "whisper_config"]

@@ -1,15 +1,17 @@
-"""Helpers shared by the Hugging Face converters."""
+"""Helpers shared by the Hugging Face config builders: activations, task heads, class names, building."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
 
-import torch
+from .._keymap import ConversionError
+from ._fields import Fields
 
-from .._keymap import ConversionError, KeyMap
-
+# transformers' activation names -> qkv's (gelu_new, gelu_pytorch_tanh and gelu_fast are one tanh formula)
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
                "silu": "silu", "swish": "silu", "gelu_fast": "gelu_tanh"}
+# act(gate(x)) * up(x) with that activation (Llama's MLP, T5's gated-* feed-forward)
+GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
 TEXT_HEADS = {
     "ForSequenceClassification": "sequence_classification",
     "ForTokenClassification": "token_classification",
@@ -28,30 +30,28 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
-def _arch(cfg: Mapping) -> str:
-    archs = cfg.get("architectures") or []
+def _arch(f: Fields) -> str:
+    archs = f["architectures"] or []
     return archs[0] if archs else ""
 
 
-def _labels(cfg: Mapping) -> tuple[int, list[str] | None]:
-    id2label = cfg.get("id2label")
-    if id2label:
-        names = [id2label[k] for k in sorted(id2label, key=int)]
+def _labels(f: Fields) -> tuple[int, list[str] | None]:
+    """(number of classes, their names or None): id2label, else num_labels, else 2."""
+    names = f["id2label"]
+    if names:
+        if f["num_labels"] is not None and f["num_labels"] != len(names):
+            raise ConversionError(f"{f.source}: num_labels={f['num_labels']} but id2label names {len(names)} "
+                                  "classes; make them agree")
         return len(names), names
-    n = cfg.get("num_labels", 2)
-    return n, None
+    return (f["num_labels"] if f["num_labels"] is not None else 2), None
 
 
-def _prefix(sd: Mapping[str, torch.Tensor], probe: str, candidates: tuple[str, ...]) -> str:
-    for p in candidates:
-        if p + probe in sd:
-            return p
-    raise ConversionError(f"checkpoint has no {probe!r} under any of the prefixes {candidates}")
-
-
-def _no_leftovers(sd, *maps: KeyMap) -> None:
-    used = set().union(*(m.used for m in maps))
-    ignored = [p for m in maps for p in m.ignored]
-    left = sorted(k for k in sd if k not in used and not any(p.fullmatch(k) for p in ignored))
-    if left:
-        raise ConversionError(f"checkpoint keys not used by the conversion: {left[:10]}")
+def build(cls, f: Fields, names: dict[str, str], **values):
+    """``cls(**values)``; its refusals (bad sizes, too large for memory) name the config.json fields too
+    (``names``: qkv field -> config.json field)."""
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:
+        said = [f"{q} is {h}" for q, h in names.items() if re.search(rf"\b{q}\b", str(e))]
+        raise ConversionError(f"{f.source}: qkv's {f.family} loader cannot build this model: {e}"
+                              + (f" (in config.json {', '.join(said)})" if said else "")) from None
