@@ -138,9 +138,22 @@ def _sentence_transformers(folder: Path, config):
 def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = None, backend: str | None = None):
     """Load a model for inference (eval mode) with its tokenizer attached as ``model.tokenizer``.
 
-    ``name_or_path``: a registered offline name (``qkv.pretrained.REGISTRY``) or a
-    Hugging Face folder: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
-    Supported: BERT (and its task heads), GPT-2, Llama, T5, BART.
+    ``name_or_path``: a registered offline name (``qkv.pretrained.REGISTRY``), a
+    Hugging Face folder (``config.json`` + ``model.safetensors`` or its shards,
+    + ``tokenizer.json``), a CTranslate2 Whisper folder (``model.bin``), or a
+    folder saved by ``qkv train``. Families, by ``model_type``:
+
+    - ``bert``: `TextEncoder` (BertModel, and the sequence-classification,
+      token-classification and question-answering heads; sentence-transformers
+      folders keep their pooling and normalisation);
+    - ``gpt2``, ``llama``: `CausalLM`;
+    - ``t5``, ``bart``: `Seq2Seq`;
+    - ``vit``: `VisionTransformer` (ViTModel, ViTForImageClassification);
+    - ``whisper``: `SpeechRecognizer`.
+
+    Every config.json field is checked against the family's table before any
+    weight is read: one qkv does not implement is refused by name, never ignored.
+    Weights are read from safetensors only (pickle files are refused).
     """
     folder = resolve(name_or_path)
     if (folder / "model.bin").exists() and not (folder / "model.safetensors").exists():
