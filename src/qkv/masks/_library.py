@@ -28,6 +28,14 @@ def _long_tensor(name: str, value, dims: tuple[int, ...]) -> torch.Tensor:
     return t.detach().to("cpu", torch.long, copy=True)  # a snapshot: masks are immutable, plans are cached
 
 
+def _counts(name: str, value) -> torch.Tensor:
+    """One non-negative count per batch entry (or one for all), as a 1-D int64 tensor."""
+    t = _long_tensor(name, value, (0, 1)).reshape(-1)
+    if t.numel() and int(t.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got min {int(t.min())}")
+    return t
+
+
 class _Tensors:
     """Per-device copies of a mask's tensors (masks are built on CPU, used anywhere)."""
 
@@ -90,9 +98,7 @@ class Padding(Mask):
     """Keys at k >= lengths[b] are hidden (right padding)."""
 
     def __init__(self, lengths):
-        t = _long_tensor("padding lengths", lengths, (0, 1)).reshape(-1)
-        if t.numel() and int(t.min()) < 0:
-            raise ValueError(f"padding lengths must be >= 0, got min {int(t.min())}")
+        t = _counts("padding lengths", lengths)
         self.lengths = t
         self._t = _Tensors(lengths=t)
 
@@ -167,9 +173,7 @@ class PrefixLM(Mask):
     def __init__(self, prefix_len):
         if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
             prefix_len = [_int_arg("prefix_len", prefix_len, 0)]
-        t = _long_tensor("prefix_len", prefix_len, (0, 1)).reshape(-1)
-        if t.numel() and int(t.min()) < 0:
-            raise ValueError(f"prefix_len must be >= 0, got min {int(t.min())}")
+        t = _counts("prefix_len", prefix_len)
         self.prefix_len = t
         self._t = _Tensors(prefix=t)
 
