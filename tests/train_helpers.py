@@ -14,7 +14,9 @@ TINY = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.ffn_dim=64
 
 
 def run(tmp_path, *overrides, resume=False, max_steps=None):
-    cfg = load_config(None, [f"out={tmp_path / 'run'}", *TINY, *overrides])
+    steps = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.steps=")]
+    tiny = [f"train.warmup={min(10, steps[-1])}" if o == "train.warmup=10" and steps else o for o in TINY]
+    cfg = load_config(None, [f"out={tmp_path / 'run'}", *tiny, *overrides])
     return fit(cfg, resume=resume, progress=False, max_steps=max_steps), cfg
 
 

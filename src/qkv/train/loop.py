@@ -39,9 +39,10 @@ def lr_at(step: int, cfg) -> float:
     """Linear warmup, then cosine decay to ``min_lr`` at the last step."""
     t = cfg.train
     floor = t.lr / 10 if t.min_lr is None else t.min_lr
-    if step < t.warmup:
-        return t.lr * (step + 1) / t.warmup
-    frac = (step - t.warmup) / max(1, t.steps - t.warmup)
+    warmup = t.warmup_steps
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, t.steps - warmup)
     return floor + 0.5 * (t.lr - floor) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
@@ -144,11 +145,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                 sync = nullcontext() if micro == t.accumulate - 1 or world == 1 else net.no_sync()
                 with sync, autocast:
                     loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing)
-                (loss / t.accumulate).backward()
+                (loss / t.accumulate).backward()  # even when not finite: under DDP every rank joins the reduction
                 total += float(loss.detach()) / t.accumulate
                 items += batch[next(iter(batch))].numel() if cfg.task in ("lm", "mqar") else stats["count"]
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            _stop_if_diverged(step + 1, total, _grad_norm(model, t.grad_clip), cfg, optimizer, out, world, device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
@@ -175,8 +175,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                 stopped, interrupt = bool(flags[0]), bool(flags[1])
             else:
                 interrupt = stop.hit
-            if rank == 0 and ((step + 1) % t.save_every == 0 or last or stopped or interrupt):
-                _save(out, step + 1, model, optimizer, sampler, state)
+            if (step + 1) % t.save_every == 0 or last or stopped or interrupt:
+                _stop_if_bad_weights(step + 1, model, out)  # every rank: they all hold the same weights
+                if rank == 0:
+                    _save(out, step + 1, model, optimizer, sampler, state)
             if interrupt:
                 interrupted = True
                 break
@@ -192,6 +194,66 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
     if world > 1:
         dist.barrier()
     return Result(state["step"], last_eval, test, out, interrupted, stopped)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite: training stopped before the optimizer step,
+    and nothing of the bad state was saved (the last checkpoint in ``out/checkpoints`` is the last good one).
+
+    ``step`` is the step that failed (1-based), ``loss`` its training loss, ``checkpoint`` the last good
+    checkpoint folder (None when none was written before)."""
+
+    def __init__(self, message: str, step: int, loss: float, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+
+
+def _grad_norm(model, clip: float) -> torch.Tensor:
+    """The gradients' total 2-norm, clipped to ``clip`` when it is > 0 (the norm returned is the unclipped one)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    if not params:
+        return torch.zeros(())
+    norms = torch.stack([torch.linalg.vector_norm(p.grad.detach(), 2.0) for p in params])
+    return torch.linalg.vector_norm(norms, 2.0)  # what clip_grad_norm_ computes (torch >= 2.5)
+
+
+def _stop_if_diverged(step: int, loss: float, norm: torch.Tensor, cfg, optimizer, out: Path, world: int,
+                      device) -> None:
+    """Raise `TrainingDiverged` when the loss or gradient norm is not finite, on any process: under torchrun
+    the processes agree (one all-reduce of a flag), so all of them stop at the same step."""
+    bad = not (math.isfinite(loss) and bool(torch.isfinite(norm)))
+    if world > 1:
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag[0])
+    if not bad:
+        return
+    t = cfg.train
+    lr = optimizer.param_groups[0]["lr"]
+    tips = [f"a lower train.lr (now {t.lr:g}; this step's {lr:.3g})"]
+    tips.append("train.grad_clip = 1.0 (now off)" if t.grad_clip == 0
+                else f"a smaller train.grad_clip (now {t.grad_clip:g})")
+    if t.bf16:
+        tips.append("train.bf16 = false (float32)")
+    where = "" if world == 1 else f" on at least one of the {world} processes"
+    ckpt = latest_checkpoint(out)
+    kept = (f"the last good checkpoint, {ckpt}, is kept: fix the config and continue from it with --resume"
+            if ckpt is not None else f"no checkpoint was written before it (train.save_every={t.save_every})")
+    raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss:g} and the gradient norm "
+                           f"{float(norm):g}{where}; the step was not taken and nothing was saved; {kept}. "
+                           f"Try {', '.join(tips)}", step, loss, ckpt)
+
+
+def _stop_if_bad_weights(step: int, model, out: Path) -> None:
+    """Never checkpoint weights that are not finite (a guard behind the loss and gradient check)."""
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return
+    ckpt = latest_checkpoint(out)
+    raise TrainingDiverged(f"training diverged by step {step}: some weights are NaN or infinite; nothing was "
+                           f"saved; the last good checkpoint is {ckpt}. Try a lower train.lr or train.grad_clip "
+                           "= 1.0", step, float("nan"), ckpt)
 
 
 def _save(out, step, model, optimizer, sampler, state):

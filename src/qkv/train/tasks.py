@@ -34,6 +34,12 @@ DEFAULTS = {
 }
 
 
+# The model config each task trains: what the [model] table's fields are checked against.
+CONFIG_CLASS = {"lm": CausalLMConfig, "mqar": CausalLMConfig, "classify": TextEncoderConfig,
+                "listops": TextEncoderConfig, "seq2seq": Seq2SeqConfig, "image": ViTConfig, "audio": ViTConfig,
+                "signal": ViTConfig}
+
+
 def _config(cls, values: dict, where: str = "model"):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
