@@ -1,8 +1,10 @@
-"""Tasks: what model a task trains, its loss on a batch, and its metric."""
+"""Tasks: one table (`TASKS`) of what model each task trains, its loss on a batch, its metric and unit."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -11,33 +13,126 @@ from ..data import IGNORE, Data
 from ..models import CausalLM, CausalLMConfig, Seq2Seq, Seq2SeqConfig, TextEncoder, TextEncoderConfig, ViTConfig, VisionTransformer
 from .config import ConfigError, TrainConfig
 
-METRIC = {"lm": ("loss", "min"), "mqar": ("accuracy", "max"), "classify": ("accuracy", "max"),
-          "listops": ("accuracy", "max"), "seq2seq": ("exact_match", "max"), "image": ("accuracy", "max"),
-          "audio": ("accuracy", "max"), "signal": ("accuracy", "max")}
+def _fill_lm(values: dict, cfg: TrainConfig, data: Data) -> None:
+    values.setdefault("vocab_size", data.info["vocab_size"])
+    values.setdefault("max_positions", max(cfg.data.block_size, data.info.get("seq_len", 0)))
+    if data.tokenizer is not None:
+        values.setdefault("eos_token_id", data.tokenizer.eos_id)
+        values.setdefault("pad_token_id", data.tokenizer.pad_id)
 
-# Small defaults per task, overridden by the [model] table.
-DEFAULTS = {
-    "lm": dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512, activation="gelu_tanh", dropout=0.0),
+
+def _fill_classify(values: dict, cfg: TrainConfig, data: Data) -> None:
+    values.update(head="sequence_classification", num_labels=data.info["num_labels"])
+    values.setdefault("vocab_size", data.info["vocab_size"])
+    values.setdefault("max_positions", data.splits["train"]["input_ids"].shape[1])
+    values.setdefault("max_length", values["max_positions"])
+    values.setdefault("labels", data.labels)
+    values.setdefault("type_vocab_size", 0)
+
+
+def _fill_seq2seq(values: dict, cfg: TrainConfig, data: Data) -> None:
+    tok = data.tokenizer
+    values.setdefault("vocab_size", data.info["vocab_size"])
+    values.setdefault("max_positions", cfg.data.max_length + 1)
+    values.update(decoder_start_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+
+
+def _fill_vit(values: dict, cfg: TrainConfig, data: Data) -> None:
+    shape = data.info["input_shape"]  # (channels, H, W) or (channels, L)
+    values.setdefault("channels", shape[0])
+    values.setdefault("image_size", list(shape[1:]))
+    values.setdefault("patch_size", [2] * (len(shape) - 1))
+    values.update(num_labels=data.info["num_labels"], input=cfg.task)  # image, audio or signal: what classify() reads
+    values.setdefault("labels", data.labels)
+
+
+def _token_loss(model, batch, smoothing):
+    """Next-token prediction at every labelled position."""
+    logits = model(batch["input_ids"]).logits
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           label_smoothing=smoothing)
+    keep = labels != IGNORE
+    right = ((logits.argmax(-1) == labels) & keep).sum()
+    return loss, {"correct": int(right), "count": int(keep.sum())}
+
+
+def _query_loss(model, batch, smoothing):
+    """MQAR: labels only at the queries, so logits there only."""
+    keep = batch["labels"] != IGNORE
+    logits = model(batch["input_ids"], logits_for=keep).logits
+    labels = batch["labels"][keep]
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    return loss, {"correct": int((logits.argmax(-1) == labels).sum()), "count": int(labels.numel())}
+
+
+def _sequence_loss(model, batch, smoothing):
+    """Teacher-forced decoding; a sequence counts as right when every labelled token is."""
+    labels = batch["labels"]
+    start = torch.full_like(labels[:, :1], model.config.decoder_start_token_id)
+    dec = torch.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
+    logits = model(batch["input_ids"], batch["attention_mask"], decoder_input_ids=dec).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           label_smoothing=smoothing)
+    keep = labels != IGNORE
+    exact = ((logits.argmax(-1) == labels) | ~keep).all(-1).sum()
+    return loss, {"correct": int(exact), "count": labels.shape[0]}
+
+
+def _label_loss(logits, batch, smoothing):
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    return loss, {"correct": int((logits.argmax(-1) == labels).sum()), "count": labels.shape[0]}
+
+
+def _text_label_loss(model, batch, smoothing):
+    return _label_loss(model(batch["input_ids"], batch["attention_mask"]).logits, batch, smoothing)
+
+
+def _input_label_loss(model, batch, smoothing):
+    return _label_loss(model(batch["pixel_values"]).logits, batch, smoothing)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a `qkv train` task trains and how it is scored."""
+
+    config: type  # the model config class (what the [model] table is checked against)
+    model: type  # the model family built from it
+    fill: Callable[[dict, TrainConfig, Data], None]  # what the data fixes in the config (vocabulary, classes)
+    loss: Callable  # (model, batch, label_smoothing) -> (loss, {"correct", "count"})
+    metric: str  # what correct / count is called
+    mode: str  # "max": higher is better; "min": the loss itself is the metric
+    unit: str  # what one "count" is
+    defaults: dict = field(default_factory=dict)  # small model defaults, overridden by the [model] table
+
+
+_VIT = dict(dim=128, n_layers=4, n_heads=4, ffn_dim=256, dropout=0.1)
+TASKS: dict[str, Task] = {
+    "lm": Task(CausalLMConfig, CausalLM, _fill_lm, _token_loss, "loss", "min", "token",
+               dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512, activation="gelu_tanh", dropout=0.0)),
     # learned positions and a width-2 token convolution: the recall circuit forms in hundreds of steps
     # (BENCHMARKS.md: plain attention, rotary or learned, stayed at chance on 256 tokens within budget)
-    "mqar": dict(dim=128, n_layers=2, n_heads=2, ffn_dim=256, positions="learned", token_conv=2, norm="rms",
-                 activation="swiglu", bias=False),
-    "classify": dict(dim=128, n_layers=2, n_heads=4, ffn_dim=512, dropout=0.1, attn_dropout=0.1),
-    "listops": dict(dim=128, n_layers=2, n_heads=4, ffn_dim=256, dropout=0.1, attn_dropout=0.0),
+    "mqar": Task(CausalLMConfig, CausalLM, _fill_lm, _query_loss, "accuracy", "max", "query",
+                 dict(dim=128, n_layers=2, n_heads=2, ffn_dim=256, positions="learned", token_conv=2, norm="rms",
+                      activation="swiglu", bias=False)),
+    "classify": Task(TextEncoderConfig, TextEncoder, _fill_classify, _text_label_loss, "accuracy", "max", "text",
+                     dict(dim=128, n_layers=2, n_heads=4, ffn_dim=512, dropout=0.1, attn_dropout=0.1)),
+    "listops": Task(TextEncoderConfig, TextEncoder, _fill_classify, _text_label_loss, "accuracy", "max",
+                    "expression", dict(dim=128, n_layers=2, n_heads=4, ffn_dim=256, dropout=0.1, attn_dropout=0.0)),
     # learned positions and 1/sqrt(d) attention train far faster from scratch than T5's relative
     # buckets with unscaled attention (copying: exact in 400 steps instead of none in 1000)
-    "seq2seq": dict(dim=128, n_layers=2, n_heads=4, head_dim=32, ffn_dim=512, positions="learned", scale=None,
-                    scale_decoder_output=False, activation="gelu"),
-    "image": dict(dim=128, n_layers=4, n_heads=4, ffn_dim=256, dropout=0.1),
-    "audio": dict(dim=128, n_layers=4, n_heads=4, ffn_dim=256, dropout=0.1),
-    "signal": dict(dim=128, n_layers=4, n_heads=4, ffn_dim=256, dropout=0.1),
+    "seq2seq": Task(Seq2SeqConfig, Seq2Seq, _fill_seq2seq, _sequence_loss, "exact_match", "max", "sequence",
+                    dict(dim=128, n_layers=2, n_heads=4, head_dim=32, ffn_dim=512, positions="learned", scale=None,
+                         scale_decoder_output=False, activation="gelu")),
+    "image": Task(ViTConfig, VisionTransformer, _fill_vit, _input_label_loss, "accuracy", "max", "image", _VIT),
+    "audio": Task(ViTConfig, VisionTransformer, _fill_vit, _input_label_loss, "accuracy", "max", "clip", _VIT),
+    "signal": Task(ViTConfig, VisionTransformer, _fill_vit, _input_label_loss, "accuracy", "max", "signal", _VIT),
 }
-
-
-# The model config each task trains: what the [model] table's fields are checked against.
-CONFIG_CLASS = {"lm": CausalLMConfig, "mqar": CausalLMConfig, "classify": TextEncoderConfig,
-                "listops": TextEncoderConfig, "seq2seq": Seq2SeqConfig, "image": ViTConfig, "audio": ViTConfig,
-                "signal": ViTConfig}
+# Views of the table, by task name.
+METRIC = {name: (t.metric, t.mode) for name, t in TASKS.items()}
+DEFAULTS = {name: t.defaults for name, t in TASKS.items()}
+CONFIG_CLASS = {name: t.config for name, t in TASKS.items()}
 
 
 def _config(cls, values: dict, where: str = "model"):
@@ -53,43 +148,14 @@ def _config(cls, values: dict, where: str = "model"):
 
 def model_config(cfg: TrainConfig, data: Data):
     """The task's model config: defaults, then the [model] table, then what the data fixes (vocabulary, classes)."""
-    task, values = cfg.task, {**DEFAULTS[cfg.task], **cfg.model}
-    info = data.info
-    if task in ("lm", "mqar"):
-        values.setdefault("vocab_size", info["vocab_size"])
-        values.setdefault("max_positions", max(cfg.data.block_size, info.get("seq_len", 0)))
-        if data.tokenizer is not None:
-            values.setdefault("eos_token_id", data.tokenizer.eos_id)
-            values.setdefault("pad_token_id", data.tokenizer.pad_id)
-        return _config(CausalLMConfig, values)
-    if task in ("classify", "listops"):
-        width = data.splits["train"]["input_ids"].shape[1]
-        values.update(head="sequence_classification", num_labels=info["num_labels"])
-        values.setdefault("vocab_size", info["vocab_size"])
-        values.setdefault("max_positions", width)
-        values.setdefault("max_length", values["max_positions"])
-        values.setdefault("labels", data.labels)
-        values.setdefault("type_vocab_size", 0)
-        return _config(TextEncoderConfig, values)
-    if task == "seq2seq":
-        tok = data.tokenizer
-        values.setdefault("vocab_size", info["vocab_size"])
-        values.setdefault("max_positions", cfg.data.max_length + 1)
-        values.update(decoder_start_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-        return _config(Seq2SeqConfig, values)
-    shape = info["input_shape"]  # (channels, H, W) or (channels, L)
-    values.setdefault("channels", shape[0])
-    values.setdefault("image_size", list(shape[1:]))
-    values.setdefault("patch_size", [2] * (len(shape) - 1))
-    values.update(num_labels=info["num_labels"], input=task)  # image, audio or signal: what classify() reads
-    values.setdefault("labels", data.labels)
-    return _config(ViTConfig, values)
+    task = TASKS[cfg.task]
+    values = {**task.defaults, **cfg.model}
+    task.fill(values, cfg, data)
+    return _config(task.config, values)
 
 
 def build_model(cfg: TrainConfig, data: Data):
-    c = model_config(cfg, data)
-    model = {CausalLMConfig: CausalLM, TextEncoderConfig: TextEncoder, Seq2SeqConfig: Seq2Seq,
-             ViTConfig: VisionTransformer}[type(c)](c)
+    model = TASKS[cfg.task].model(model_config(cfg, data))
     model.init_weights()
     model.tokenizer = data.tokenizer
     return model
@@ -97,37 +163,7 @@ def build_model(cfg: TrainConfig, data: Data):
 
 def loss_and_stats(task: str, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The training loss of a batch and the counts its metric sums over."""
-    if task == "lm":
-        logits = model(batch["input_ids"]).logits
-        labels = batch["labels"]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                               label_smoothing=label_smoothing)
-        keep = labels != IGNORE
-        right = ((logits.argmax(-1) == labels) & keep).sum()
-        return loss, {"correct": int(right), "count": int(keep.sum())}
-    if task == "mqar":  # labels only at the queries: logits there only
-        keep = batch["labels"] != IGNORE
-        logits = model(batch["input_ids"], logits_for=keep).logits
-        labels = batch["labels"][keep]
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        return loss, {"correct": int((logits.argmax(-1) == labels).sum()), "count": int(labels.numel())}
-    if task in ("classify", "listops"):
-        logits = model(batch["input_ids"], batch["attention_mask"]).logits
-    elif task == "seq2seq":
-        labels = batch["labels"]
-        start = torch.full_like(labels[:, :1], model.config.decoder_start_token_id)
-        dec = torch.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
-        logits = model(batch["input_ids"], batch["attention_mask"], decoder_input_ids=dec).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                               label_smoothing=label_smoothing)
-        keep = labels != IGNORE
-        exact = ((logits.argmax(-1) == labels) | ~keep).all(-1).sum()
-        return loss, {"correct": int(exact), "count": labels.shape[0]}
-    else:
-        logits = model(batch["pixel_values"]).logits
-    labels = batch["labels"]
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    return loss, {"correct": int((logits.argmax(-1) == labels).sum()), "count": labels.shape[0]}
+    return TASKS[task].loss(model, batch, label_smoothing)
 
 
 @torch.no_grad()
@@ -147,8 +183,8 @@ def evaluate(task: str, model, data: Data, split: str, batch_size: int, block_si
     finally:
         model.train(was)
     out = {"loss": total / max(n, 1)}
-    if task == "lm":
+    if TASKS[task].mode == "min":  # the loss is the metric: report its perplexity beside it
         out["perplexity"] = float(torch.exp(torch.tensor(out["loss"])))
     else:
-        out[METRIC[task][0]] = correct / max(count, 1)
+        out[TASKS[task].metric] = correct / max(count, 1)
     return out
