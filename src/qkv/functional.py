@@ -58,6 +58,27 @@ def attention(
         with no visible key gets output 0, weights 0, lse -inf and gradient 0.
         ``out`` and ``lse`` are differentiable on every backend that supports
         backward; ``weights`` carry gradients on ``eager`` only.
+
+    NaN and inf, the same on every backend and in `attention_weights` / `stream_weights`:
+    the keys that *reach* query row i are those the mask shows it whose score (after
+    ``scale``, ``score_mod`` and ``bias``) is not -inf; a -inf bias or score is masking.
+
+    - No key reaches row i: output 0, weights 0, lse -inf, gradient 0, whatever q_i or
+      the hidden k_j, v_j hold.
+    - A NaN or +inf score reaches it (NaN/inf in q_i or k_j, a NaN or +inf bias, a
+      score_mod returning NaN, ``scale * q.k`` overflowing): output row NaN, lse NaN,
+      weights NaN at the keys that reach it and 0 at the others.
+    - A NaN or inf value v_j of a key that reaches it: output row NaN (weights and lse,
+      which do not depend on v, stay exact).
+    - Every other row is finite and exact. ``scale`` must be finite and within q's dtype
+      (ValueError otherwise).
+    - Gradients: a row that no key reaches and a key that no row sees get gradient 0
+      and change no other gradient; a non-finite entry that does reach a row may make
+      gradients of its head non-finite (``0 * NaN`` in the backward matmuls).
+
+    On the CPU, ``sdpa`` and ``flex`` send calls whose inputs are not all finite to
+    ``chunked`` (one reduction per tensor decides); on CUDA they run PyTorch's kernels
+    as they are, so use ``eager`` or ``chunked`` there where NaN inputs matter.
     """
     call = prepare(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale, q_offset=q_offset,
                    dropout_p=dropout_p, return_weights=return_weights, return_lse=return_lse)
@@ -102,7 +123,8 @@ def attention_weights(
         rows: query row indices; returns (B, Hq, len(rows), Tk).
         topk: keep the k largest probabilities per row; returns ``(values, indices)``
             of shape (B, Hq, Tq, topk) (or ``len(rows)``). Where a row has fewer than
-            ``topk`` visible keys the extra entries have value 0 and index -1.
+            ``topk`` visible keys the extra entries have value 0 and index -1; a row that a
+            NaN or +inf score reaches has NaN values, at keys that reach it (see `attention`).
 
     Returns:
         (B, Hq, Tq, Tk) probabilities, or as above. Not differentiable.
@@ -193,7 +215,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, sco
             f"q has {Hq} heads, not a multiple of k/v's {Hkv}; grouped-query attention needs "
             f"Hq % Hkv == 0 (choose Hkv among the divisors of {Hq})"
         )
-    scale = _scale(scale, D)
+    scale = _scale(scale, D, q.dtype)
     q_offset = _offset(q_offset, Tq, Tk)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
@@ -208,13 +230,19 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask=None, sco
                          dropout_p=float(dropout_p), return_weights=return_weights, return_lse=return_lse)
 
 
-def _scale(scale, d: int) -> float:
+def _scale(scale, d: int, dtype: torch.dtype) -> float:
     if scale is None:
         return 1.0 / math.sqrt(d) if d else 1.0
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite number (default 1/sqrt(D)), got {scale!r}")
+    largest = torch.finfo(dtype).max
+    if abs(scale) > largest:  # it would become inf in the kernels: every score inf or NaN
+        raise ValueError(
+            f"scale={scale!r} overflows {dtype} (largest {largest:.4g}); pass a scale within that range "
+            f"(default 1/sqrt(D) = {1.0 / math.sqrt(d) if d else 1.0:.4g}) or cast q, k, v to torch.float64"
+        )
     return float(scale)
 
 

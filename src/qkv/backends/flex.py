@@ -4,7 +4,9 @@ Masks and score mods are handed over as FlexAttention's ``mask_mod`` and
 ``score_mod`` (shifted to absolute query positions); the block mask is built
 once per mask, shape and device and kept beside the call's plans (the registry's
 weak per-mask cache), never on the mask object. On CPU, compiled
-FlexAttention is inference-only and cannot return the log-sum-exp.
+FlexAttention is inference-only and cannot return the log-sum-exp, and calls
+whose inputs are not all finite (`kernels.fusable`) are computed by the
+`chunked` backend, which follows qkv's rule for NaN and inf exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import logging
 
 import torch
 
-from .registry import plan_cache
+from . import chunked
+from .kernels import fusable
+from .registry import Call, plan_cache
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,10 @@ def _block_mask(mask, q_offset, B, H, Tq, Tk, device):
 
 
 def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_weights, return_lse):
+    if q.device.type == "cpu" and not fusable(q, k, v, bias, scale):
+        return chunked.chunked(Call(q, k, v, mask=mask, score_mod=score_mod, bias=bias, scale=scale,
+                                    q_offset=q_offset, dropout_p=dropout_p, return_weights=return_weights,
+                                    return_lse=return_lse))
     B, Hq, Tq = q.shape[:3]
     Tk = k.shape[2]
     block_mask = _block_mask(mask, q_offset, B, Hq, Tq, Tk, q.device)
@@ -84,6 +92,9 @@ def flex(q, k, v, *, mask, score_mod, bias, scale, q_offset, dropout_p, return_w
             q_idx, kv_idx = q_idx.clamp(max=Tq - 1), kv_idx.clamp(max=Tk - 1)  # padded blocks: real positions only
             if score_mod is not None:
                 score = score_mod(score, b, h, q_idx + q_offset, kv_idx).to(score.dtype)
+                # FlexAttention's CPU kernels return 0 for some rows with a NaN score; a +inf score makes
+                # the row NaN in every kernel (exp(inf - inf)), which is qkv's rule for both.
+                score = torch.where(torch.isnan(score), float("inf"), score)
             if bias4 is not None:
                 score = score + bias4[b, h, q_idx, kv_idx].to(score.dtype)
             return score

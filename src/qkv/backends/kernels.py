@@ -10,9 +10,14 @@
   returning the log-sum-exp that the backward pass reuses.
 
 Fully masked rows give output 0, log-sum-exp -inf and gradient 0 (never NaN).
+Non-finite inputs follow the rule `qkv.attention` documents: `math_attention`
+implements it for any input; `fusable` says when the fused kernels (whose
+NaN handling varies by path and size) may serve a call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -62,8 +67,59 @@ def _modified(score_mod, s: torch.Tensor, grids) -> torch.Tensor:
 
 
 def probabilities(s: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Softmax probabilities from scores and their saved log-sum-exp; 0 on rows that see no key."""
-    return torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1).to(s.dtype))
+    """Softmax probabilities from scores and their saved log-sum-exp; 0 on rows that see no key and at keys
+    that do not reach a row (NaN rows, whose lse is NaN, are NaN only at the keys that reach them)."""
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1).to(s.dtype))
+    return p.masked_fill(torch.isneginf(s), 0.0) if _maybe(torch.isnan(lse)) else p
+
+
+def _maybe(flags: torch.Tensor) -> bool:
+    """Whether any flag may be set: exact on the CPU, where reading it is free; always True elsewhere
+    (no host sync: the work it guards is then always done, with torch.where, instead of skipped)."""
+    return flags.device.type != "cpu" or bool(flags.any())
+
+
+def maybe_nonfinite(*ts: torch.Tensor) -> bool:
+    """Whether any of the tensors may hold NaN or inf (on the CPU: a sum each, NaN or inf if one does)."""
+    if ts[0].device.type != "cpu":
+        return True
+    return not all(bool(torch.isfinite(t.sum())) for t in ts if t is not None)
+
+
+def _hide_unseen(q, k, v, mask):
+    """Zero the query rows that see no key and the keys that no row sees. The result is unchanged (the mask
+    hides them), but their values can no longer reach a gradient through ``0 * NaN`` in the matmuls."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    mask = mask.view(*([1] * (4 - mask.dim())), *mask.shape)
+    q = q.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    seen = mask.any(-2)  # (B', H', W)
+    if seen.shape[1] == Hq and Hq != Hkv:
+        seen = seen.view(seen.shape[0], Hkv, Hq // Hkv, -1).any(2)  # a kv head is seen if any of its q heads sees it
+    k = k.masked_fill(~seen.unsqueeze(-1), 0.0)
+    v = None if v is None else v.masked_fill(~seen.unsqueeze(-1), 0.0)
+    return q, k, v
+
+
+def fusable(q, k, v, bias, scale: float) -> bool:
+    """Whether PyTorch's fused kernels may serve a call: q, k, v finite, no NaN or +inf in ``bias`` (-inf
+    masks) and no score that can overflow. Their handling of NaN differs by path and size (a NaN query row
+    comes back 0 from some, a hidden NaN value leaks into rows that do not see it), so other calls go to
+    `math_attention`. One reduction per tensor, read on the host: callers ask on the CPU only."""
+    if q.numel() == 0 or k.numel() == 0:
+        return True
+    # |q_i . k_j| <= |q| |k| (Frobenius norms, Cauchy-Schwarz): finite norms below the limit mean finite
+    # inputs and no overflowing score; a NaN anywhere makes its norm or sum NaN.
+    acc = accumulation_dtype(q.dtype)
+    parts = [torch.linalg.vector_norm(q, dtype=acc), torch.linalg.vector_norm(k, dtype=acc), v.sum(dtype=acc)]
+    if bias is not None and bias.numel():
+        parts.append(bias.amax().to(acc))
+    norm_q, norm_k, sum_v, *top_bias = torch.stack(parts).tolist()
+    top_bias = top_bias[0] if top_bias else 0.0
+    if not (math.isfinite(sum_v) and top_bias < math.inf):  # False for NaN too
+        return False
+    bound = abs(scale) * norm_q * norm_k + max(top_bias, 0.0)  # no |score| exceeds this
+    limit = torch.finfo(acc).max / 4
+    return bound < limit
 
 
 def math_attention(
@@ -80,6 +136,7 @@ def math_attention(
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
     need_weights: bool = False,
+    finite: bool = False,
 ):
     """Reference softmax attention.
 
@@ -87,29 +144,49 @@ def math_attention(
     k_pos (W,) absolute positions; mask bool and bias float, both broadcastable
     to (B, Hq, r, W). Returns ``(out (B, Hq, r, Dv) or None, lse (B, Hq, r),
     weights (B, Hq, r, W) or None)``; weights are pre-dropout probabilities.
+    ``finite=True``: the caller knows q, k, v hold no NaN or inf (skips the checks).
+
+    Non-finite inputs (see `qkv.attention`): a key reaches row i when the mask shows
+    it and its score is not -inf. A NaN or +inf score among them makes lse NaN and
+    the weights NaN at those keys; a non-finite value among them makes the output
+    row NaN; rows that no key reaches give 0 whatever q, k, v hold.
     """
     B, Hq, r, _ = q.shape
     Hkv, W = k.shape[1], k.shape[2]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    if mask is not None and grad and not finite and maybe_nonfinite(q, k, v):
+        q, k, v = _hide_unseen(q, k, v, mask)
     s = scores(q, k, scale=scale, q_pos=q_pos, k_pos=k_pos, mask=mask, bias=bias, score_mod=score_mod)
     if W:
-        top = s.detach().amax(-1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, 0.0)  # all-masked rows: exp(-inf - 0) = 0, no NaN
+        top = s.detach().amax(-1, keepdim=True)  # NaN or +inf where such a score reaches the row
     else:
-        top = s.new_zeros(B, Hq, r, 1)
-    p = torch.exp(s - top)
+        top = s.new_full((B, Hq, r, 1), NEG_INF)
+    empty = top == NEG_INF  # no key reaches the row
+    p = torch.exp(s - top.masked_fill(empty, 0.0))  # empty rows: exp(-inf - 0) = 0; NaN rows: NaN
     total = p.sum(-1, keepdim=True)
-    live = total > 0
-    safe = torch.where(live, total, 1.0)
-    lse = torch.where(live, top + torch.log(safe), NEG_INF).squeeze(-1)
+    safe = total.masked_fill(empty, 1.0)
+    lse = torch.where(empty, NEG_INF, top + torch.log(safe)).squeeze(-1)
     p = p / safe
+    if _maybe(torch.isnan(top) | torch.isposinf(top)):
+        p = p.masked_fill(torch.isneginf(s), 0.0)  # a NaN row is NaN only at the keys that reach it
     weights = p if need_weights else None  # float32 for half inputs; the tensor `out` is computed from
     out = None
     if v is not None:
+        G, Dv = Hq // Hkv, v.shape[-1]
+        hit = None
+        if not finite and maybe_nonfinite(v):
+            ok = torch.isfinite(v)
+            bad = ~ok.all(-1)  # (B, Hkv, W) keys whose value holds NaN or inf
+            v = torch.where(ok, v, 0.0)  # a p = 0 times a NaN value must not reach rows it does not
+            reached = ~torch.isneginf(s).view(B, Hkv, G, r, W) & bad[:, :, None, None, :]
+            hit = reached.any(-1, keepdim=True).view(B, Hq, r, 1)  # rows a non-finite value reaches
         if dropout_p > 0.0:
             keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) >= dropout_p
             p = p * keep / (1.0 - dropout_p)
-        G, Dv = Hq // Hkv, v.shape[-1]
-        out = torch.matmul(p.view(B, Hkv, G, r, W), v.to(p.dtype).unsqueeze(2)).view(B, Hq, r, Dv).to(q.dtype)
+        out = torch.matmul(p.view(B, Hkv, G, r, W), v.to(p.dtype).unsqueeze(2)).view(B, Hq, r, Dv)
+        if hit is not None:
+            out = out.masked_fill(hit, math.nan)
+        out = out.to(q.dtype)
     return out, lse, weights
 
 

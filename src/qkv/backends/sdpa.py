@@ -3,17 +3,27 @@
 Aligned causal masks (``q_offset == 0``, SDPA's top-left ``is_causal``) go to its
 causal kernels; other masks are materialised as a bool tensor (a stored tensor
 mask as it is) and combined with a bias as an additive mask.
+
+SDPA's CPU kernels treat NaN and inf by path and size (a NaN query row comes
+back 0 from some; a NaN value hidden from a row leaks into it through
+``0 * NaN``), so on the CPU a call whose inputs are not all finite
+(`kernels.fusable`, one reduction per tensor) is computed by the `chunked`
+backend instead, which follows qkv's rule for them exactly.
 """
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
+from . import chunked
+from .kernels import fusable
 from .registry import Call
 
 
 def sdpa(call: Call):
     q, k, v, mask, bias = call.q, call.k, call.v, call.mask, call.bias
+    if q.device.type == "cpu" and not fusable(q, k, v, bias, call.scale):
+        return chunked.chunked(call)
     B, Hq, Tq = q.shape[:3]
     Tk = k.shape[2]
     is_causal = False

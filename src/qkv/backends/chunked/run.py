@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 
 from ...masks import evaluate, index_grid
-from ..kernels import NEG_INF, accumulation_dtype, flash_available, math_attention
+from ..kernels import (
+    NEG_INF,
+    accumulation_dtype,
+    flash_available,
+    fusable,
+    math_attention,
+    maybe_nonfinite,
+)
 from . import fused, tiles
 from .plan import SCRATCH_BYTES, Band, Plan, Tile
 
@@ -42,6 +49,8 @@ class Run:
         self.dropout_p = dropout_p
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
         self.need_lse = need_lse  # the public lse (-inf on empty rows) costs a pass over each tile's mask
+        self._fusable: bool | None = None  # inputs the fused kernel handles exactly (asked once per call)
+        self._finite: bool | None = None  # q, k, v hold no NaN or inf: the math kernel skips its checks
 
     # -- per-tile pieces ------------------------------------------------------
 
@@ -88,22 +97,34 @@ class Run:
         g.manual_seed((self.seed + 1_000_003 * tile_index + r0) % (2**63))
         return g
 
+    def finite(self, q, k, v) -> bool:
+        """Whether q, k, v are known to hold no NaN or inf (asked once per call, on the CPU only)."""
+        if self._finite is None:
+            self._finite = not maybe_nonfinite(q, k, v)
+        return self._finite
+
     def math(self, q, k, v, bias, t: Tile, i: int, r0: int, r1: int, need_weights=False):
         return math_attention(
             q[:, :, r0:r1], self.keys(k, t), None if v is None else self.keys(v, t),
             scale=self.scale, q_pos=self.q_pos[r0:r1], k_pos=t.key_positions(q.device),
             mask=self.tile_mask(t, r0, r1), bias=self.tile_bias(bias, t, r0, r1), score_mod=self.score_mod,
             dropout_p=self.dropout_p, generator=self.generator(i, r0, q.device), need_weights=need_weights,
+            finite=self.finite(q, k, v),
         )
 
-    def fused(self, q, v, bias) -> bool:
-        """Whether the fused kernel serves this call's tiles (else the math kernel does)."""
-        return (
+    def fused(self, q, k, v, bias) -> bool:
+        """Whether the fused kernel serves this call's tiles (else the math kernel does). Inputs holding NaN
+        or inf go to the math kernel, which applies qkv's rule for them exactly (`kernels.fusable`)."""
+        if not (
             self.score_mod is None
             and self.dropout_p == 0
             and not (bias is not None and bias.requires_grad)
             and flash_available(q, v)
-        )
+        ):
+            return False
+        if self._fusable is None:
+            self._fusable = fusable(q, k, v, bias, self.scale)
+        return self._fusable
 
     def bands(self, bias) -> tuple[Band, ...]:
         """Bands served by batched kernel calls (a bias differs per tile, so it rules them out)."""
@@ -118,7 +139,7 @@ class Run:
         # is one contiguous block, and callers merging heads (out.transpose(1, 2).reshape) get a view, not a copy.
         out = q.new_empty(B, Tq, Hq, v.shape[-1]).transpose(1, 2)
         lse = torch.full((B, Hq, Tq), NEG_INF, dtype=accumulation_dtype(q.dtype), device=q.device)
-        flash = self.fused(q, v, bias)
+        flash = self.fused(q, k, v, bias)
         raw = torch.zeros_like(lse) if flash else lse
         bands = self.bands(bias) if flash else ()
         for band in bands:
@@ -145,7 +166,7 @@ class Run:
         dbias = torch.zeros_like(bias) if needs[3] else None
         if dout is None:
             dout = torch.zeros_like(out)
-        flash = self.fused(q, v, bias) and dlse is None
+        flash = self.fused(q, k, v, bias) and dlse is None
         bands = self.bands(bias) if flash else ()
         for band in bands:
             fused.band_backward(self, band, dout, q, k, v, out, raw, dq, dk, dv)

@@ -33,6 +33,7 @@ def math_backward(run, t: Tile, i: int, r0: int, r1: int, dout, dlse, q, k, v, b
             leaves[0], leaves[1], leaves[2], scale=run.scale, q_pos=run.q_pos[r0:r1],
             k_pos=t.key_positions(q.device), mask=run.tile_mask(t, r0, r1), bias=leaves[3],
             score_mod=run.score_mod, dropout_p=run.dropout_p, generator=run.generator(i, r0, q.device),
+            finite=run.finite(q, k, v),
         )
         outs, gouts = [o], [dout[:, :, r0:r1]]
         if dlse is not None:

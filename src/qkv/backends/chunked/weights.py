@@ -40,7 +40,7 @@ def weights(run, q, k, bias, lse: torch.Tensor | None = None, *, topk: int | Non
             n = min(topk, p.shape[-1])
             val, idx = p.topk(n, dim=-1)
             values[:, :, r0:r1, :n] = val
-            index[:, :, r0:r1, :n] = torch.where(val > 0, kpos[idx], -1)  # -1: no (visible) key
+            index[:, :, r0:r1, :n] = torch.where(val != 0, kpos[idx], -1)  # -1: no key (NaN: a key that reaches)
 
         stream(run, q, k, bias, lse, keep)
         return values, index

@@ -50,8 +50,10 @@ template <> struct Gemm<double> {
 
 // exp(x) for x <= 0 in float32 (relative error ~2e-7), written so the compiler vectorises
 // the loops that call it: 2^n * p(r) with n = round(x / ln 2) and a degree-6 polynomial.
+// Below -87 (where float32 leaves its normal range) it is 0, so exp(-inf) = 0; NaN stays NaN.
 inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  const bool tiny = x < -87.0f;
+  x = tiny ? -87.0f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
   float t = x * 1.44269504088896341f + shifter;
   int32_t ti;
@@ -69,7 +71,7 @@ inline float exp_nonpos(float x) {
   int32_t bits = (ti - 0x4B400000 + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  return tiny ? 0.0f : p * scale;
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
@@ -87,11 +89,37 @@ template <typename T> T exp_row(T* s, int64_t w, int64_t a, int64_t e, T m) {
   return sum;
 }
 
+// The largest non-NaN score of s[a:e) (-inf if none): a NaN score is caught by the sum of exponentials instead.
 template <typename T> T row_max(const T* s, int64_t a, int64_t e) {
   T mx = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : mx)
   for (int64_t j = a; j < e; ++j) mx = s[j] > mx ? s[j] : mx;
   return mx;
+}
+
+template <typename T> void fill_nan(T* o, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) o[d] = std::numeric_limits<T>::quiet_NaN();
+}
+
+// One output row from scratch over its own keys lo..hi, given its softmax max m and sum l: keys whose
+// score is -inf do not reach it; any non-finite value of a key that does makes the whole row NaN.
+template <typename T>
+void exact_row(const T* q, const T* K, int64_t k_stride, const T* V, int64_t v_stride, int64_t lo, int64_t hi,
+               int64_t D, int64_t Dv, T scale, T m, T l, T* o) {
+  for (int64_t d = 0; d < Dv; ++d) o[d] = 0;
+  for (int64_t j = lo; j <= hi; ++j) {
+    const T* kj = K + j * k_stride;
+    T s = 0;
+    for (int64_t d = 0; d < D; ++d) s += q[d] * kj[d];
+    s *= scale;
+    if (s == -std::numeric_limits<T>::infinity()) continue;
+    const T p = std::exp(s - m) / l;
+    const T* vj = V + j * v_stride;
+    for (int64_t d = 0; d < Dv; ++d) o[d] += p * vj[d];
+  }
+  T check = 0;
+  for (int64_t d = 0; d < Dv; ++d) check += o[d] * T(0);
+  if (!(check == T(0))) fill_nan(o, Dv);
 }
 
 struct Shape {
@@ -162,9 +190,11 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
             alpha[i] = 1;
             continue;
           }
+          // Non-finite scores follow qkv's rule without a test per score: -inf gives p = 0 (the key does
+          // not reach the row), NaN gives a NaN sum, and a +inf maximum gives exp(inf - inf) = NaN.
           const T mnew = std::max(m[i], row_max(s, a, e));
           alpha[i] = m[i] == -inf ? T(0) : exp_nonpos(m[i] - mnew);
-          l[i] = l[i] * alpha[i] + exp_row(s, w, a, e, mnew);
+          l[i] = l[i] * alpha[i] + exp_row(s, w, a, e, mnew == -inf ? T(0) : mnew);
           m[i] = mnew;
         }
         if (!first) {
@@ -183,14 +213,30 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
       }
       for (int64_t i = 0; i < rows; ++i) {
         T* o = O + i * st.o[2];
-        if (l[i] > 0) {
-          const T f = T(1) / l[i];
-#pragma omp simd
-          for (int64_t d = 0; d < n.Dv; ++d) o[d] *= f;
-          L[i] = m[i] + std::log(l[i]);
-        } else {
+        if (m[i] == -inf && l[i] == T(0)) {  // no key reaches the row (mask or -inf scores)
           std::memset(o, 0, sizeof(T) * n.Dv);
           L[i] = -inf;
+          continue;
+        }
+        if (!(l[i] == l[i])) {  // a NaN or +inf score reaches the row
+          fill_nan(o, n.Dv);
+          L[i] = std::numeric_limits<T>::quiet_NaN();
+          continue;
+        }
+        const T f = T(1) / l[i];
+        T check = 0;  // NaN iff some output is not finite (x * 0 is NaN for inf and NaN)
+#pragma omp simd reduction(+ : check)
+        for (int64_t d = 0; d < n.Dv; ++d) {
+          o[d] *= f;
+          check += o[d] * T(0);
+        }
+        L[i] = m[i] + std::log(l[i]);
+        if (!(check == T(0))) {
+          // A non-finite value: the GEMM also multiplied the values of keys outside the row's interval
+          // (p = 0, and 0 * NaN = NaN). Redo the row over its own keys only.
+          const T* K = k + b * st.k[0] + hk * st.k[1];
+          const T* V = v + b * st.v[0] + hk * st.v[1];
+          exact_row(Q + i * st.q[2], K, st.k[2], V, st.v[2], rlo[i], rhi[i], n.D, n.Dv, scale, m[i], l[i], o);
         }
       }
     }
