@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as _Tok
 
+from ..models.chat import SPECIAL_TOKENS, ChatTemplate, special_tokens
 from ._files import read_json
 
 
@@ -42,8 +43,11 @@ class Tokenizer:
     """
 
     def __init__(self, tokenizer: _Tok, *, pad_token: str | None = None, eos_token: str | None = None,
-                 bos_token: str | None = None, max_length: int | None = None):
+                 bos_token: str | None = None, max_length: int | None = None,
+                 chat_template: ChatTemplate | None = None):
         self.tok = tokenizer
+        self.chat_template = chat_template
+        self._specials: dict[str, str] = {}  # every named special token of the folder (unk, sep, cls, mask...)
         self.tok.no_padding()
         self.tok.no_truncation()
         self.max_length = max_length
@@ -58,13 +62,9 @@ class Tokenizer:
         folder, file = (path, path / "tokenizer.json") if path.is_dir() else (path.parent, path)
         if not file.exists():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
-        special: dict = {}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            f = folder / name
-            if f.exists():
-                for key, value in read_json(f).items():
-                    if key in ("pad_token", "eos_token", "bos_token", "model_max_length"):
-                        special[key] = value["content"] if isinstance(value, dict) else value
+        special: dict = special_tokens(folder)
+        config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+        special["model_max_length"] = config.get("model_max_length")
         limit = special.get("model_max_length")
         if max_length is None and isinstance(limit, int) and limit < 1_000_000:
             max_length = limit
@@ -73,8 +73,11 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 -- tokenizers raises plain Exceptions for unreadable files
             raise ValueError(f"{file}: not a tokenizer file the tokenizers library can read ({e}); it may be "
                              "damaged or from a newer version: save it again with tokenizers or transformers") from None
-        return cls(tok, pad_token=special.get("pad_token"), eos_token=special.get("eos_token"),
-                   bos_token=special.get("bos_token"), max_length=max_length)
+        out = cls(tok, pad_token=special.get("pad_token"), eos_token=special.get("eos_token"),
+                  bos_token=special.get("bos_token"), max_length=max_length,
+                  chat_template=ChatTemplate.from_folder(folder))
+        out._specials = {k: v for k, v in special.items() if isinstance(v, str)}
+        return out
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
@@ -83,6 +86,39 @@ class Tokenizer:
         cfg = {k: v for k, v in (("pad_token", self.pad_token), ("eos_token", self.eos_token),
                                  ("bos_token", self.bos_token), ("model_max_length", self.max_length)) if v is not None}
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        if self.chat_template is not None:
+            self.chat_template.save(folder)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False,
+                            continue_final_message: bool | str = False, tokenize: bool = True, tools=None,
+                            documents=None, chat_template: str | None = None, **variables) -> list[int] | str:
+        """A conversation as the model's prompt, as transformers' ``apply_chat_template``: the text
+        (``tokenize=False``) or its token ids, encoded without adding special tokens a second time
+        (the template writes them). See `qkv.models.chat.ChatTemplate.render` for the options."""
+        template = self.chat_template
+        if template is None:
+            if chat_template is None:
+                raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no chat_template "
+                                 "in tokenizer_config.json): pass chat_template= the Jinja text, or set "
+                                 "tokenizer.chat_template = qkv.models.chat.ChatTemplate(text)")
+            template = ChatTemplate(chat_template, special_tokens=self._special_texts())
+            chat_template = None
+        text = template.render(messages, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, tools=tools, documents=documents,
+                               chat_template=chat_template, **variables)
+        if not tokenize:
+            return text
+        if isinstance(text, list):  # a batch of conversations
+            return [self.encode(t, add_special_tokens=False) for t in text]
+        return self.encode(text, add_special_tokens=False)
+
+    def _special_texts(self) -> dict[str, str]:
+        """The named special tokens a template sees: those of the folder, else pad/eos/bos as set here."""
+        named = {k: v for k, v in self._specials.items() if k in SPECIAL_TOKENS}
+        for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token)):
+            if v is not None:
+                named[k] = v
+        return named
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tok.token_to_id(token)
