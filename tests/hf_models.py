@@ -124,6 +124,20 @@ FAMILIES = {
         max_target_positions=32, decoder_start_token_id=90, eos_token_id=91, pad_token_id=91, bos_token_id=91,
         suppress_tokens=[], begin_suppress_tokens=[91])),
 }
+# The Llama-like decoders (tests/models/test_decoder_families.py): tiny, GQA, windows shorter than the inputs.
+_DEC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+            vocab_size=100, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+FAMILIES.update({
+    # (no sliding window here: dropping use_sliding_window alone would leave sliding layer_types without a window)
+    "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config, dict(_DEC)),
+    "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config, dict(_DEC, head_dim=16)),
+    "mistral": (T.MistralForCausalLM, T.MistralConfig, dict(_DEC, sliding_window=4)),
+    "gemma2": (T.Gemma2ForCausalLM, T.Gemma2Config, dict(_DEC, head_dim=8, sliding_window=4,
+                                                         query_pre_attn_scalar=16)),
+    "gemma3_text": (T.Gemma3ForCausalLM, T.Gemma3TextConfig, dict(_DEC, head_dim=8, sliding_window=4,
+                                                                  num_hidden_layers=3, sliding_window_pattern=3)),
+    "phi3": (T.Phi3ForCausalLM, T.Phi3Config, dict(_DEC, sliding_window=5)),
+})
 
 
 def save_family(folder: Path, family: str, seed: int = 0, **overrides):

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from ..nn import BlockConfig, KVCache, LearnedPositions, Linear, RelativePositionBias, TransformerDecoder, TransformerEncoder
-from . import _checks
+from . import _checks, decoding
 from ._base import Model, ModelOutput, key_mask, step_mask
-from .generation import decode, finish, prepare
+from .generation import options, prepare
 
 
 @dataclass
@@ -180,28 +180,30 @@ class Seq2Seq(Model):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | str | Sequence[str], attention_mask: torch.Tensor | None = None,
-                 *, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
-                 pad_token_id: int | None = None, seed: int | None = None,
-                 decoder_prompt: Sequence[int] | None = None, suppress_tokens: Sequence[int] = (),
-                 begin_suppress_tokens: Sequence[int] = ()):
+                 *, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, decoder_prompt: Sequence[int] | None = None,
+                 suppress_tokens: Sequence[int] | None = None, begin_suppress_tokens: Sequence[int] | None = None,
+                 num_beams: int | None = None, length_penalty: float | None = None,
+                 early_stopping: bool | str | None = None, num_return_sequences: int | None = None):
         """Encode the inputs once, then decode after ``decoder_prompt`` (default: the decoder start token)
-        with a KV cache. Returns decoder ids (B, prompt + n) starting with the prompt, or text for text inputs."""
-        input_ids, attention_mask, texts, single, gen = prepare(
-            self, input_ids, attention_mask, "right", max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, seed=seed, suppress_tokens=suppress_tokens,
-            begin_suppress_tokens=begin_suppress_tokens)
-        c = self.config
-        B = input_ids.shape[0]
-        encoded = self.encode(input_ids, attention_mask)
-        cache = KVCache(len(self.decoder.layers), capacity=max_new_tokens + len(decoder_prompt or [0]))
-        prompt = list(decoder_prompt) if decoder_prompt is not None else [c.decoder_start_token_id]
-        first = torch.tensor(prompt, dtype=torch.long, device=input_ids.device).expand(B, -1)
+        with a KV cache. Returns decoder ids (B * num_return_sequences, prompt + n) starting with the
+        prompt, or text for text inputs. Options: see `CausalLM.generate` and `GenerationConfig`."""
+        input_ids, attention_mask, texts, single, gen = prepare(self, input_ids, attention_mask, "right",
+                                                                **options(locals()))
+        session = decoding.seq2seq_session(self, input_ids, attention_mask, gen, decoder_prompt)
+        return decoding.run(self, session, gen, texts, single)
 
-        def step(tok: torch.Tensor) -> torch.Tensor:
-            return self(attention_mask=attention_mask, decoder_input_ids=tok.view(B, -1), encoder_output=encoded,
-                        cache=cache).logits[:, -1]
-
-        new = decode(step, step(first), gen)
-        return finish(self, torch.cat([first, new], dim=1), new, texts, single)
+    @torch.no_grad()
+    def stream(self, prompt: torch.Tensor | str, attention_mask: torch.Tensor | None = None, *,
+               decoder_prompt: Sequence[int] | None = None, **options):
+        """Text pieces of the output for one input (text, or ids (1, S)) as its tokens are chosen; joined,
+        they equal ``generate``'s text. Takes ``generate``'s options (not beam search)."""
+        if not isinstance(prompt, (str, torch.Tensor)):
+            raise TypeError(f"stream() takes one input (a str or (1, S) ids), got {type(prompt).__name__}")
+        ids, attention_mask, _, _, gen = prepare(self, prompt, attention_mask, "right", **options)
+        session = decoding.seq2seq_session(self, ids, attention_mask, gen, decoder_prompt)
+        yield from decoding.stream(self, session, gen)

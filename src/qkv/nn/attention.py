@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import scores
 from ..functional import prepare, run
 from .linear import Linear
 from .norms import make_norm
@@ -61,6 +62,80 @@ class KVCache:
                     store[i] = t.index_select(0, index)
         self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
 
+    @property
+    def batch_size(self) -> int:
+        """Rows stored (0 before the first append)."""
+        t = next((t for t in self.keys if t is not None), None)
+        return 0 if t is None else t.shape[0]
+
+    def nbytes(self) -> int:
+        """Bytes held by the key/value buffers, capacity included (what freeing rows gives back)."""
+        return sum(t.untyped_storage().nbytes() for store in (self.keys, self.values) for t in store if t is not None)
+
+    def trim_left(self, n: int) -> None:
+        """Drop the first ``n`` cached positions of every row (all-padding columns); views, no copy."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"trim_left: n={n} must be in [0, length={self.length}]")
+        if n == 0:
+            return
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t[:, :, n:]
+        self.length -= n
+        self.capacity = max(1, self.capacity - n)
+
+    def pad_left(self, n: int, capacity: int | None = None) -> None:
+        """Insert ``n`` zero positions before the cached ones (left padding: mask them out); copies into
+        fresh buffers of ``capacity`` positions (default: the new length plus the old spare room)."""
+        if n < 0:
+            raise ValueError(f"pad_left: n={n} must be >= 0")
+        end = self.length + n
+        cap = max(end, capacity if capacity is not None else self.capacity + n, 1)
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if t is not None:
+                    new = t.new_zeros(t.shape[0], t.shape[1], cap, t.shape[3])
+                    new[:, :, n:end] = t[:, :, : self.length]
+                    store[i] = new
+        self.length, self.capacity = end, cap
+
+    @classmethod
+    def merge(cls, caches, capacity: int | None = None) -> KVCache:
+        """One cache holding the rows of ``caches`` in order, each left-padded with zeros to the longest
+        length (the caller masks the padding). ``capacity``: positions to allocate (default: the longest).
+        ``state`` tensors (batch-first, same shape past the batch) and ``cross`` are concatenated."""
+        caches = [c for c in caches if c.batch_size]
+        if not caches:
+            raise ValueError("merge: no cache holds any rows")
+        n_layers = caches[0].n_layers
+        if any(c.n_layers != n_layers for c in caches):
+            raise ValueError(f"merge: caches have {[c.n_layers for c in caches]} layers; they must match")
+        length = max(c.length for c in caches)
+        cap = max(length, capacity or 0, 1)
+        out = cls(n_layers, capacity=cap)
+        out.length = length
+        for name in ("keys", "values"):
+            for i in range(n_layers):
+                ts = [getattr(c, name)[i] for c in caches]
+                if all(t is None for t in ts):
+                    continue
+                if any(t is None for t in ts):
+                    raise ValueError(f"merge: layer {i} is cached in some caches and not in others")
+                t0 = ts[0]
+                buf = t0.new_zeros(sum(t.shape[0] for t in ts), t0.shape[1], cap, t0.shape[3])
+                row = 0
+                for c, t in zip(caches, ts):
+                    buf[row : row + t.shape[0], :, length - c.length : length] = t[:, :, : c.length]
+                    row += t.shape[0]
+                getattr(out, name)[i] = buf
+        for layer in caches[0].cross:
+            pairs = [c.cross[layer] for c in caches]
+            out.cross[layer] = (torch.cat([k for k, _ in pairs]), torch.cat([v for _, v in pairs]))
+        for key in caches[0].state:
+            out.state[key] = torch.cat([c.state[key] for c in caches])
+        return out
+
 
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with grouped-query heads, optional q/k norm, rotary positions and a KV cache.
@@ -73,7 +148,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
                  bias: bool = True, out_bias: bool | None = None, kv_dim: int | None = None,
                  qk_norm: str | None = None, norm_eps: float = 1e-6, dropout: float = 0.0,
-                 scale: float | None = None):
+                 scale: float | None = None, softcap: float | None = None, norm_offset: float = 0.0):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
@@ -91,10 +166,13 @@ class MultiHeadAttention(nn.Module):
         else:
             self.qkv = Linear(dim, q_out + 2 * kv_out, bias=bias)
         self.o = Linear(q_out, dim, bias=bias if out_bias is None else out_bias)
-        self.q_norm = make_norm(qk_norm, head_dim, norm_eps) if qk_norm else None
-        self.k_norm = make_norm(qk_norm, head_dim, norm_eps) if qk_norm else None
+        self.q_norm = make_norm(qk_norm, head_dim, norm_eps, offset=norm_offset) if qk_norm else None
+        self.k_norm = make_norm(qk_norm, head_dim, norm_eps, offset=norm_offset) if qk_norm else None
         self.dropout = dropout
         self.scale = scale
+        # attention-logit soft-capping (Gemma 2): cap * tanh(score / cap), after the scale
+        self.softcap = softcap
+        self.score_mod = scores.softcap(softcap) if softcap is not None else None
         self.backend = "auto"
         # Called as observer(module, call) before attention, with the validated `qkv.backends.Call` of the
         # heads the attention sees (after rotary and cache); qkv.explain uses it to read the weights.
@@ -144,7 +222,8 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 k, v = cache.append(layer, k, v)
         p = self.dropout if self.training else 0.0
-        call = prepare(q, k, v, mask=mask, bias=bias, scale=self.scale, dropout_p=p, return_weights=return_weights)
+        call = prepare(q, k, v, mask=mask, score_mod=self.score_mod, bias=bias, scale=self.scale, dropout_p=p,
+                       return_weights=return_weights)
         if self.observer is not None:
             self.observer(self, call)  # reads the probabilities of this very call: validated and planned once
         result = run(call, self.backend)
@@ -153,4 +232,5 @@ class MultiHeadAttention(nn.Module):
         return self.o(out), weights
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, cross={self.is_cross}"
+        return (f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, cross={self.is_cross}"
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))

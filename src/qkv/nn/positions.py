@@ -15,10 +15,13 @@ class RotaryEmbedding(nn.Module):
     ``position * base**(-2i/dim)``. ``interleaved=False`` pairs feature ``i``
     with ``i + dim/2`` (GPT-NeoX / Llama "half-split" layout); ``interleaved=True``
     pairs ``2i`` with ``2i+1`` (GPT-J / original layout). ``scaling`` divides
-    positions (linear position interpolation).
+    positions (linear position interpolation, arXiv:2306.15595). ``llama3``
+    ``(factor, low_freq_factor, high_freq_factor, original_max_positions)``
+    rescales the frequencies as Llama 3.1 does (see `llama3_frequencies`).
     """
 
-    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling: float = 1.0):
+    def __init__(self, dim: int, base: float = 10000.0, interleaved: bool = False, scaling: float = 1.0,
+                 llama3: tuple[float, float, float, int] | None = None):
         super().__init__()
         if dim <= 0 or dim % 2:
             raise ValueError(f"rotary dim must be a positive even number, got {dim}")
@@ -26,7 +29,10 @@ class RotaryEmbedding(nn.Module):
         self.base = base
         self.interleaved = interleaved
         self.scaling = scaling
+        self.llama3 = llama3
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if llama3 is not None:
+            inv_freq = llama3_frequencies(inv_freq, *llama3)
         self.register_buffer("inv_freq", inv_freq / scaling, persistent=False)
 
     def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +66,25 @@ class RotaryEmbedding(nn.Module):
         return self.rotate(q, cos, sin), self.rotate(k, cos, sin)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}"
+        return (f"dim={self.dim}, base={self.base}, interleaved={self.interleaved}"
+                + (f", scaling={self.scaling}" if self.scaling != 1.0 else "")
+                + (f", llama3={self.llama3}" if self.llama3 is not None else ""))
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_positions: int) -> torch.Tensor:
+    """Llama 3.1's frequency rescaling (arXiv:2407.21783): wavelengths shorter than
+    ``original_max_positions / high_freq_factor`` are kept, longer than ``original / low_freq_factor``
+    divided by ``factor``, and those between interpolated smoothly. The same float32 operations, in the
+    same order, as transformers' ``_compute_llama3_parameters``."""
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 class SinusoidalPositions(nn.Module):

@@ -15,11 +15,40 @@ import torch
 
 from .._keymap import ConversionError
 from ._tables import TABLES
+from .decoders import (
+    decoder,
+    gemma_config,
+    mistral_config,
+    phi3,
+    phi3_config,
+    qwen_config,
+)
 from .speech import whisper, whisper_config
-from .text import bart, bart_config, bert, bert_config, gpt2, gpt2_config, llama, llama_config, t5, t5_config
+from .text import (
+    bart,
+    bart_config,
+    bert,
+    bert_config,
+    gpt2,
+    gpt2_config,
+    llama,
+    llama_config,
+    t5,
+    t5_config,
+)
 from .vision import vit, vit_config
 
-CONVERTERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "vit": vit, "whisper": whisper}
+CONVERTERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "vit": vit, "whisper": whisper,
+              "qwen2": decoder, "qwen3": decoder, "mistral": decoder, "gemma2": decoder, "gemma3_text": decoder,
+              "phi3": phi3}
+# decoder-only families: model_type -> config builder
+_DECODERS = {
+    "qwen2": lambda cfg, source: qwen_config(cfg, source, "qwen2"),
+    "qwen3": lambda cfg, source: qwen_config(cfg, source, "qwen3"),
+    "mistral": mistral_config, "phi3": phi3_config,
+    "gemma2": lambda cfg, source: gemma_config(cfg, source, "gemma2"),
+    "gemma3_text": lambda cfg, source: gemma_config(cfg, source, "gemma3_text"),
+}
 
 
 def config_from_hf(cfg: Mapping, keys: set[str] = frozenset(), extra: Mapping | None = None,
@@ -36,6 +65,12 @@ def config_from_hf(cfg: Mapping, keys: set[str] = frozenset(), extra: Mapping | 
         return "text_encoder", bert_config(cfg, keys, source=source)
     if kind in ("gpt2", "llama"):
         return "causal_lm", (gpt2_config if kind == "gpt2" else llama_config)(cfg, source=source)
+    if isinstance(kind, str) and kind in _DECODERS:
+        return "causal_lm", _DECODERS[kind](cfg, source)
+    if kind == "gemma3":
+        raise ConversionError(f"{source}: model_type 'gemma3' (Gemma3ForConditionalGeneration: text and images) is "
+                              "not supported; qkv loads the text-only Gemma 3 (model_type 'gemma3_text', "
+                              "Gemma3ForCausalLM): use transformers for the multimodal model")
     if kind == "t5":
         return "seq2seq", t5_config(cfg, keys, source=source)
     if kind == "bart":

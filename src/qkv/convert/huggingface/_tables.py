@@ -115,6 +115,72 @@ LLAMA = _family(
     partial_rotary_factor=IGNORED,  # Llama's default rotary embedding rotates the whole head
 )
 
+# What the Llama-like decoders share (Qwen 2 / 3, Mistral, Gemma 2 / 3, Phi-3): sizes, RoPE (read by
+# `decoders.rope`: default, linear, llama3), RMSNorm, special tokens. Each family states its own defaults.
+def _decoder(hidden_act: str = "silu", max_positions: int = 2048, eps: float = 1e-6, tie: bool = False,
+             theta: float = 10000.0, **fields) -> dict:
+    return _family(dict(
+        vocab_size=count(), hidden_size=count(), intermediate_size=count(), num_hidden_layers=count(),
+        num_attention_heads=count(), num_key_value_heads=count(None, null=True), head_dim=count(None, null=True),
+        hidden_act=Read("str", hidden_act, choices=ACTS), max_position_embeddings=count(max_positions),
+        rms_norm_eps=positive(eps), tie_word_embeddings=flag(tie),
+        rope_parameters=Read("dict", None, null=True), rope_scaling=Read("dict", None, null=True),
+        rope_theta=positive(theta),
+        bos_token_id=token(), eos_token_id=Read("tokens", None, null=True),
+        pad_token_id=Read("int", None, lo=-1, null=True),
+        attention_dropout=IGNORED, is_decoder=IGNORED, add_cross_attention=IGNORED,
+        # a generation setting (the cache class generate builds; qkv's numbers do not depend on it)
+        cache_implementation=IGNORED,
+        # remote-code class names (Phi-3 checkpoints still carry them); without trust_remote_code transformers
+        # runs its built-in class of the model_type, which is what qkv computes
+        auto_map=IGNORED,
+    ), fields)
+
+
+_LAYER_TYPES = Read("strings", None, null=True)  # "full_attention" / "sliding_attention", one per layer
+# Qwen 2 / 3: transformers keeps sliding_window only with use_sliding_window, and then (without layer_types)
+# makes layers from max_window_layers on sliding
+_QWEN = dict(use_sliding_window=flag(False), sliding_window=count(4096, null=True), max_window_layers=count(28, lo=0),
+             layer_types=_LAYER_TYPES)
+QWEN2 = _decoder(max_positions=32768, **_QWEN)  # q, k, v projections with bias, o without (always)
+QWEN3 = _decoder(max_positions=32768, attention_bias=flag(False), **_QWEN)
+MISTRAL = _decoder(
+    max_positions=4096 * 32, sliding_window=count(4096, null=True),
+    # MistralModel reads sliding_window only (transformers warns and ignores layer_types: the Ministral class
+    # reads them, a different model_type)
+    layer_types=IGNORED,
+)
+_GEMMA = dict(
+    hidden_activation=Read("str", "gelu_pytorch_tanh", choices=ACTS),
+    hidden_act=IGNORED,  # older Gemma configs write it too; Gemma 2 / 3's MLP reads hidden_activation only
+    head_dim=count(256), query_pre_attn_scalar=Read("positive", 256), attention_bias=flag(False),
+    sliding_window=count(4096, null=True), layer_types=_LAYER_TYPES,
+    use_bidirectional_attention=Only((None, False), "qkv's causal LM attends causally; load an encoder-style "
+                                                    "Gemma with transformers"),
+)
+GEMMA2 = _decoder(
+    max_positions=8192, tie=True, **_GEMMA,
+    sliding_window_size=IGNORED,  # older Gemma 2 configs repeat the window here; transformers reads sliding_window
+    final_logit_softcapping=Read("positive", 30.0, null=True), attn_logit_softcapping=Read("positive", 50.0, null=True),
+)
+GEMMA3 = _decoder(
+    max_positions=131072, tie=True, theta=1_000_000.0, **_GEMMA,
+    final_logit_softcapping=Read("positive", None, null=True),
+    # transformers' Gemma 3 stores attn_logit_softcapping but never passes it to its attention: not applied
+    attn_logit_softcapping=IGNORED,
+    rope_local_base_freq=positive(10000.0),
+    sliding_window_pattern=count(6),  # every n-th layer global, when layer_types is absent
+    # what transformers >= 5 writes beside layer_types; it does not read it back (layer_types rule)
+    _sliding_window_pattern=IGNORED,
+)
+PHI3 = _decoder(
+    max_positions=4096, eps=1e-5, sliding_window=count(None, null=True),
+    partial_rotary_factor=Read("float", 1.0, lo=0.0, hi=1.0),
+    original_max_position_embeddings=IGNORED,  # read by longrope only, which qkv refuses (rope_parameters)
+    resid_pdrop=IGNORED, embd_pdrop=IGNORED,
+    attention_bias=IGNORED,  # Phi-3 checkpoints write false; transformers' Phi3Attention has no biases whatever it says
+)
+
 T5 = _family(
     vocab_size=count(), d_model=count(), d_kv=count(), d_ff=count(), num_layers=count(), num_heads=count(),
     num_decoder_layers=count(None, null=True), relative_attention_num_buckets=count(32),
@@ -175,9 +241,11 @@ WHISPER = _family(
     median_filter_width=IGNORED,  # word timestamps
 )
 
-TABLES = {"bert": BERT, "gpt2": GPT2, "llama": LLAMA, "t5": T5, "bart": BART, "vit": VIT, "whisper": WHISPER}
+TABLES = {"bert": BERT, "gpt2": GPT2, "llama": LLAMA, "t5": T5, "bart": BART, "vit": VIT, "whisper": WHISPER,
+          "qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3}
 FAMILY_NAMES = {"bert": "BERT", "gpt2": "GPT-2", "llama": "Llama", "t5": "T5", "bart": "BART", "vit": "ViT",
-                "whisper": "Whisper"}
+                "whisper": "Whisper", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma2": "Gemma 2",
+                "gemma3_text": "Gemma 3", "phi3": "Phi-3"}
 
 # Side files: the fields read from them are checked; the others are settings qkv does not use.
 VIT_PROCESSOR = {"image_mean": Read("floats", None, null=True), "image_std": Read("floats", None, null=True),

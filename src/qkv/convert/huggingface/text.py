@@ -26,6 +26,7 @@ from ._common import (
 )
 from ._fields import Fields, read_fields
 from ._layers import attention, bart_stacks, encoder_layer, linear
+from .decoders import rope_fields
 
 _CLASSES = ("sequence_classification", "token_classification")
 
@@ -68,23 +69,16 @@ def gpt2_config(cfg: Mapping, source: str = "config.json") -> CausalLMConfig:
     )
 
 
-_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")  # the last: unused by default RoPE
-
-
-def _rope_theta(f: Fields) -> float:
-    """The rotary base; only transformers' "default" rotary embedding is implemented (as transformers,
-    rope_scaling wins over rope_parameters, and a top-level rope_theta fills in a missing one)."""
-    which = "rope_scaling" if f["rope_scaling"] else "rope_parameters"
-    rope = f[which] or {}
-    extra = sorted(k for k in rope if k not in _ROPE_KEYS)
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", None) or extra:
-        raise f.refuse(which, f"qkv implements the default rotary embedding only (rope_type 'default', no "
-                              f"{extra or kind!r}); use transformers for scaled RoPE")
-    theta = rope.get("rope_theta", f["rope_theta"])
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
-        raise f.refuse(which, f"its rope_theta={theta!r} must be a number > 0")
-    return float(theta)
+def _llama_rope(f: Fields) -> dict:
+    """The rotary fields: default, linear or llama3 RoPE (Llama 3.1 / 3.2); see `decoders.rope`. Llama's
+    default rotary embedding ignores partial_rotary_factor; the scaled ones would read it (and transformers
+    then fails to rotate whole heads), so there it must be 1."""
+    fields, factor = rope_fields(f)
+    if factor != 1.0 and "rope_scaling" in fields:
+        which = "rope_scaling" if f["rope_scaling"] else "rope_parameters"
+        raise f.refuse(which, f"partial_rotary_factor={factor} with rope_type {fields['rope_scaling']!r} is not "
+                              "implemented; remove it")
+    return fields
 
 
 def llama_config(cfg: Mapping, source: str = "config.json") -> CausalLMConfig:
@@ -99,7 +93,7 @@ def llama_config(cfg: Mapping, source: str = "config.json") -> CausalLMConfig:
         vocab_size=f["vocab_size"], dim=dim, n_layers=f["num_hidden_layers"], n_heads=heads,
         n_kv_heads=_first(f["num_key_value_heads"], heads), head_dim=_first(f["head_dim"], dim // heads),
         ffn_dim=f["intermediate_size"], max_positions=f["max_position_embeddings"], positions="rotary",
-        rope_theta=_rope_theta(f), norm="rms", norm_eps=f["rms_norm_eps"],
+        **_llama_rope(f), norm="rms", norm_eps=f["rms_norm_eps"],
         activation=GATED[_activation(f["hidden_act"])], bias=f["attention_bias"], mlp_bias=f["mlp_bias"],
         tie_embeddings=f["tie_word_embeddings"], bos_token_id=f["bos_token_id"], eos_token_id=f["eos_token_id"],
         pad_token_id=None if pad == -1 else pad,  # -1: "none", as early Llama configs wrote it
