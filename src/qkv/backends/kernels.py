@@ -122,6 +122,26 @@ def fusable(q, k, v, bias, scale: float) -> bool:
     return bound < limit
 
 
+def fusable_query(q, bias) -> bool:
+    """The part of `fusable` a fused call cannot show in its output: q finite (a NaN query row comes back 0
+    from some kernels) and no NaN or +inf in ``bias``. Keys and values are judged afterwards by
+    `finite_output`: a non-finite key or value, or an overflowing score, that reaches any row makes the
+    output non-finite, and the call is then computed again by the exact path. This reads only q (and
+    the bias), where `fusable` reads the whole key/value cache: what a decoding step needs."""
+    if q.numel() == 0:
+        return True
+    acc = accumulation_dtype(q.dtype)
+    parts = [torch.linalg.vector_norm(q, dtype=acc)]
+    if bias is not None and bias.numel():
+        parts.append(bias.amax().to(acc))
+    values = torch.stack(parts).tolist()
+    return math.isfinite(values[0]) and (len(values) == 1 or values[1] < math.inf)
+
+
+def finite_output(out: torch.Tensor) -> bool:
+    return out.numel() == 0 or bool(torch.isfinite(out).all())
+
+
 def math_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,550 @@
+"""Continuous batching for decoder-only models: requests join and leave one running batch between steps.
+
+An `Engine` keeps one left-padded batch: a `qkv.nn.KVCache` of (B, Hkv, T, D)
+buffers, a (B, T) 0/1 attention mask over its columns and each row's next
+position. A request that arrives is prefilled alone (B = 1, its own cache, so
+its first token is exactly what ``model.generate`` would pick), then merged into
+the batch by left-padding whichever side is shorter; each `Engine.step` then
+decodes one token for every running row in one model call; finished and
+cancelled rows are removed (``index_select``) and all-padding leading columns
+trimmed. Left padding keeps every row's real tokens contiguous and ending at the
+last column, so column distances equal position distances and the model's own
+masks (causal, windows) stay right; the engine only ever calls ``model(...)``.
+This is the iteration-level scheduling of Orca (Yu et al., OSDI 2022).
+
+Each request has its own `GenerationConfig` and, when sampling with a seed, its
+own ``torch.Generator``, so its tokens do not depend on the company it keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..nn import KVCache
+from . import generation
+from .generation import GenerationConfig
+
+log = logging.getLogger(__name__)
+
+
+class Request:
+    """One submitted prompt: stream its tokens as they come, wait for all of them, or cancel it.
+
+    ``tokens`` holds the new token ids so far (the stop token included, as
+    ``generate`` returns it); ``finish_reason`` is None while running, then
+    "stop", "length", "cancelled" or "error". Iterating blocks for each next
+    token; `poll` returns the tokens that arrived since the last poll without
+    blocking, and ``on_token(request, token)`` / ``on_finish(request)`` (given to
+    `Engine.submit`) are called from the thread that drives the engine (an
+    asyncio server hands them over with ``loop.call_soon_threadsafe``).
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig, on_token=None, on_finish=None):
+        self.engine = engine
+        self.prompt = prompt
+        self.config = config
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_time: float | None = None  # perf_counter() when the first token arrived
+        self.finished_time: float | None = None
+        self._on_token, self._on_finish = on_token, on_finish
+        self._cond = threading.Condition()
+        self._polled = 0
+        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # async iterators waiting
+        self._cancel = False
+        self._released = threading.Event()  # set once the request holds no cache rows and is not queued
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        """The new tokens as text, as ``generate`` returns it: up to the first stop token, before the first
+        stop string (needs the model's tokenizer)."""
+        from .streaming import cut_at_stop
+
+        tok = self.engine.model._require_tokenizer("Request.text")
+        return cut_at_stop(tok.decode(generation.cut(self.tokens, self.config)), self.config.stop)
+
+    def __iter__(self) -> Iterator[int]:
+        """Each new token id as it is generated (blocks; drives the engine itself if no thread does)."""
+        i = 0
+        while True:
+            self._wait(lambda: len(self.tokens) > i, None)
+            with self._cond:
+                if len(self.tokens) <= i:
+                    break
+                tok = self.tokens[i]
+            i += 1
+            yield tok
+        self._raise()
+
+    async def __aiter__(self):
+        """Each new token id as it is generated, awaited (``async for tok in request``); needs the
+        engine's background thread (`Engine.start`)."""
+        if not self.engine.running and not self.done:
+            raise RuntimeError("async iteration needs the engine's background thread: call engine.start() "
+                               "or use `with Engine(model) as engine:`")
+        loop, i = asyncio.get_running_loop(), 0
+        while True:
+            with self._cond:
+                tok = self.tokens[i] if len(self.tokens) > i else None
+                if tok is None and not self.done:
+                    fut = loop.create_future()
+                    self._futures.append((loop, fut))
+            if tok is not None:
+                i += 1
+                yield tok
+            elif self.done:
+                break
+            else:
+                await fut
+        self._raise()
+
+    def poll(self) -> list[int]:
+        """The tokens generated since the last poll (never blocks)."""
+        with self._cond:
+            new = self.tokens[self._polled :]
+            self._polled += len(new)
+            return new
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """All new token ids, once finished (blocks; drives the engine itself if no thread does)."""
+        if not self._wait(lambda: False, timeout):
+            raise TimeoutError(f"request not finished after {timeout} s ({len(self.tokens)} tokens so far)")
+        self._raise()
+        return list(self.tokens)
+
+    def cancel(self) -> None:
+        """Stop generating; the request's cache rows are freed when this returns (called from an
+        ``on_token`` callback: at the end of the current step)."""
+        self.engine._cancel(self)
+
+    def _raise(self):
+        if self.error is not None:
+            raise RuntimeError(f"generation failed: {self.error!r}") from self.error
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._cond:
+                if ready() or self.done:
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self.engine.running:
+                    self._cond.wait(0.05 if left is None else min(left, 0.05))  # re-check: the thread may stop
+                    continue
+            self.engine.step()
+
+    def _emit(self, token: int) -> None:
+        with self._cond:
+            if self.first_token_time is None:
+                self.first_token_time = time.perf_counter()
+            self.tokens.append(token)
+            self._wake()
+        if self._on_token is not None:
+            _call(self._on_token, self, token)
+
+    def _wake(self) -> None:  # with self._cond held
+        self._cond.notify_all()
+        for loop, fut in self._futures:
+            loop.call_soon_threadsafe(_resolve, fut)
+        self._futures = []
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.finish_reason is not None:
+                return
+            self.finish_reason, self.error = reason, error
+            self.finished_time = time.perf_counter()
+            self._wake()
+        if self._on_finish is not None:
+            _call(self._on_finish, self)
+
+    def __repr__(self) -> str:
+        return (f"Request(prompt={len(self.prompt)} tokens, {len(self.tokens)} new, "
+                f"finish_reason={self.finish_reason!r})")
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _call(fn, *args):
+    try:
+        fn(*args)
+    except Exception:  # a failing callback must not stop the other requests
+        log.exception("request callback %r failed", fn)
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    """A running request's place in the batch: what it needs to pick its next token."""
+
+    request: Request
+    generator: torch.Generator | None
+    history: torch.Tensor  # (1, prompt + max_new_tokens) long: prompt, then the tokens generated
+    n: int  # tokens in history so far
+    stops: frozenset
+    text: object = None  # a qkv.models.streaming.TextStream when the request has stop strings
+
+    @property
+    def remaining(self) -> int:
+        return self.request.config.max_new_tokens - len(self.request.tokens)
+
+
+class Engine:
+    """Continuous-batching generation over a decoder-only model (`qkv.models.CausalLM`).
+
+    ``max_batch`` rows decode together; ``max_tokens`` bounds the tokens the running
+    requests may hold (prompt + max_new_tokens each); a request waits in the queue
+    until both allow it. Drive it synchronously (`step`, `run_until_idle`, or just
+    ``request.result()``) or from a background thread (`start` / `stop`, or
+    ``with Engine(model) as engine:``).
+    """
+
+    def __init__(self, model, *, max_batch: int = 16, max_tokens: int = 65536):
+        if not getattr(model, "continues_prompt", False):
+            raise TypeError(f"Engine needs a decoder-only model (qkv.models.CausalLM), got {type(model).__name__}")
+        for name, value in (("max_batch", max_batch), ("max_tokens", max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Engine: {name}={value!r} must be an int >= 1")
+        self.model, self.max_batch, self.max_tokens = model, max_batch, max_tokens
+        params = inspect.signature(generation.next_token).parameters
+        self._history_arg, self._prompt_len_arg = "history" in params, "prompt_len" in params
+        self._lock = threading.RLock()  # the batch below; held for a whole step
+        self._owner: int | None = None  # thread running a step
+        self._cv = threading.Condition()  # the queue and the background thread's wake-ups
+        self._pending: collections.deque[Request] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._mask = self._pos = self._tok = None  # (B, capacity) 0/1, (B, 1) next positions, (B, 1) last tokens
+        self._inflight: list[Request] = []  # taken from the queue by this step, not yet in the batch
+
+    # -- submitting ------------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int] | torch.Tensor | str, *, config: GenerationConfig | None = None,
+               on_token: Callable[[Request, int], None] | None = None,
+               on_finish: Callable[[Request], None] | None = None, **options) -> Request:
+        """Queue a prompt (token ids, or text with the model's tokenizer); it joins the batch at the next step.
+
+        ``options`` are `GenerationConfig` fields (max_new_tokens, do_sample, temperature,
+        top_k, top_p, seed, eos_token_id, ...), applied over ``config``; the stop tokens
+        default to the model config's ``eos_token_id`` (``eos_token_id=[]``: none). Thread-safe.
+        """
+        ids = self._ids(prompt_ids)
+        if config is not None:
+            cfg = dataclasses.replace(config, **options)
+        else:  # as generate: explicit options, then model.generation_defaults, then the config's stop tokens
+            cfg = generation.prepare(self.model, torch.tensor([ids]), None, "left", **options)[-1]
+        if cfg.num_beams > 1 or cfg.num_return_sequences > 1:
+            raise ValueError(f"submit: num_beams={cfg.num_beams}, num_return_sequences={cfg.num_return_sequences}: "
+                             "the engine decodes one sequence per request; use model.generate for beam search")
+        if cfg.stop:
+            self.model._require_tokenizer("stop strings")
+        need = len(ids) + cfg.max_new_tokens
+        if need > self.max_tokens:
+            raise ValueError(f"submit: prompt ({len(ids)}) + max_new_tokens ({cfg.max_new_tokens}) = {need} tokens "
+                             f"exceeds the engine's max_tokens={self.max_tokens}; raise max_tokens or shorten it")
+        c = self.model.config
+        if getattr(c, "positions", None) == "learned" and need > c.max_positions:
+            raise ValueError(f"submit: prompt ({len(ids)}) + max_new_tokens ({cfg.max_new_tokens}) = {need} "
+                             f"exceeds the model's {c.max_positions} learned positions; shorten either")
+        req = Request(self, ids, cfg, on_token, on_finish)
+        with self._cv:
+            self._pending.append(req)
+            self._cv.notify_all()
+        return req
+
+    def _ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.model._require_tokenizer("Engine.submit(text)").encode(prompt)
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1 or prompt.dtype.is_floating_point:
+                raise ValueError(f"submit: prompt_ids must be one sequence of ids, got a {prompt.dtype} tensor "
+                                 f"of shape {tuple(prompt.shape)}")
+            ids = prompt.tolist()
+        else:
+            ids = [int(i) for i in prompt]
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("submit: the prompt is empty; give at least one token (e.g. the BOS token)")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"submit: prompt ids must be in [0, {vocab}), got min {min(ids)}, max {max(ids)}")
+        return ids
+
+    # -- driving -----------------------------------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        """Rows decoding now."""
+        return len(self._rows)
+
+    @property
+    def pending(self) -> int:
+        """Requests queued, not yet prefilled."""
+        return len(self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self._rows and not self._pending
+
+    @property
+    def running(self) -> bool:
+        """Whether a background thread drives the engine."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def cache_bytes(self) -> int:
+        """Bytes held by the batch's key/value buffers."""
+        cache = self._cache
+        return 0 if cache is None else cache.nbytes()
+
+    def step(self) -> int:
+        """Admit queued requests (prefill each, merge it into the batch), decode one token for every running
+        row, drop the finished ones. Returns the rows still running."""
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                with torch.no_grad():
+                    self._drop_finished()
+                    self._admit()
+                    if self._rows:
+                        self._decode()
+                    self._drop_finished()
+            except BaseException as e:
+                self._fail(e)
+                raise
+            finally:
+                self._owner = None
+            return len(self._rows)
+
+    def run_until_idle(self) -> int:
+        """Step until no request is queued or running; returns the steps taken."""
+        steps = 0
+        while not self.idle:
+            self.step()
+            steps += 1
+        return steps
+
+    def start(self) -> Engine:
+        """Drive the engine from a background thread (daemon) until `stop`."""
+        if self.running:
+            return self
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="qkv-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the background thread after its current step; queued and running requests stay (a later
+        `start`, `step` or ``request.result()`` continues them)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and self.idle:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed; its requests finished with reason 'error'")
+
+    # -- the batch -------------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Prefill the queued requests that fit, each alone, and merge the survivors into the batch."""
+        reserved = sum(len(r.request.prompt) + r.request.config.max_new_tokens for r in self._rows)
+        fresh: list[tuple[_Row, KVCache]] = []
+        while len(self._rows) + len(fresh) < self.max_batch:
+            with self._cv:
+                if not self._pending:
+                    break
+                req = self._pending[0]
+                need = len(req.prompt) + req.config.max_new_tokens
+                if reserved + need > self.max_tokens and (self._rows or fresh):
+                    break
+                self._pending.popleft()
+            reserved += need
+            self._inflight = [r.request for r, _ in fresh] + [req]
+            row, cache = self._prefill(req)
+            if row is not None:
+                fresh.append((row, cache))
+        if fresh:
+            self._merge(fresh)
+        self._inflight = []
+
+    def _prefill(self, req: Request) -> tuple[_Row | None, KVCache | None]:
+        cfg = req.config
+        if req._cancel or cfg.max_new_tokens == 0:
+            self._release(req, "cancelled" if req._cancel else "length")
+            return None, None
+        dev = self.model.device
+        T = len(req.prompt)
+        history = torch.zeros(1, T + cfg.max_new_tokens, dtype=torch.long, device=dev)
+        history[0, :T] = torch.tensor(req.prompt, dtype=torch.long)
+        generator = None
+        if cfg.do_sample and cfg.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+        row = _Row(req, generator, history, T, frozenset(cfg.stop_ids))
+        if cfg.stop:
+            from .streaming import TextStream
+
+            row.text = TextStream(self.model.tokenizer, cfg.stop, stop_token_ids=cfg.stop_ids)
+        cache = KVCache(self.model.config.n_layers, capacity=T)
+        mask = torch.ones(1, T, dtype=torch.long, device=dev)
+        logits = self.model(history[:, :T], mask, torch.arange(T, device=dev)[None], cache=cache,
+                            last_only=True).logits[:, -1]
+        tok = int(self._pick(row, logits, first=True))
+        if self._record(row, tok):
+            self._release(req)
+            return None, None
+        return row, cache
+
+    def _pick(self, row: _Row, logits: torch.Tensor, first: bool) -> torch.Tensor:
+        """The next token (a (1,) tensor) from one row of logits (1, V) with the request's own settings."""
+        cfg = row.request.config
+        if not self._history_arg:
+            return generation.next_token(logits, cfg, row.generator, first=first)
+        if self._prompt_len_arg:
+            return generation.next_token(logits, cfg, row.generator, first=first, history=row.history[:, : row.n],
+                                         prompt_len=len(row.request.prompt))
+        return generation.next_token(logits, cfg, row.generator, first=first, history=row.history[:, : row.n])
+
+    def _record(self, row: _Row, tok: int) -> bool:
+        """Append a chosen token; returns True if the request is finished."""
+        req = row.request
+        if row.n < row.history.shape[1]:
+            row.history[0, row.n] = tok
+        row.n += 1
+        req._emit(tok)
+        if row.text is not None:
+            row.text.push(tok)
+        if tok in row.stops or (row.text is not None and row.text.stopped):
+            req._finish("stop")
+        elif len(req.tokens) >= req.config.max_new_tokens:
+            req._finish("length")
+        return req.done or req._cancel
+
+    def _merge(self, fresh: list[tuple[_Row, KVCache]]) -> None:
+        """Join new rows (each with its own one-row cache) to the batch, left-padding the shorter side."""
+        rows = self._rows + [r for r, _ in fresh]
+        caches = ([self._cache] if self._cache is not None else []) + [c for _, c in fresh]
+        length = max(c.length for c in caches)
+        capacity = length + max(r.remaining for r in rows) + 1  # no buffer growth while decoding these rows
+        dev = self.model.device
+        mask = torch.zeros(len(rows), capacity, dtype=torch.long, device=dev)
+        old = len(self._rows)
+        if old:
+            L = self._cache.length
+            mask[:old, length - L : length] = self._mask[:, :L]
+        for i, (_, c) in enumerate(fresh):
+            mask[old + i, length - c.length : length] = 1
+        pos = torch.tensor([[r.n - 1] for r, _ in fresh], dtype=torch.long, device=dev)
+        tok = torch.tensor([[int(r.history[0, r.n - 1])] for r, _ in fresh], dtype=torch.long, device=dev)
+        self._cache = KVCache.merge(caches, capacity=capacity)
+        self._mask = mask
+        self._pos = pos if not old else torch.cat([self._pos, pos])
+        self._tok = tok if not old else torch.cat([self._tok, tok])
+        self._rows = rows
+
+    def _decode(self) -> None:
+        """One token for every running row, in one model call."""
+        cache, L = self._cache, self._cache.length
+        if L >= self._mask.shape[1]:  # more columns than merge reserved (a row outlived its estimate)
+            self._mask = torch.cat([self._mask, torch.zeros_like(self._mask)], dim=1)
+        self._mask[:, L] = 1
+        logits = self.model(self._tok, self._mask[:, : L + 1], self._pos, cache=cache, last_only=True).logits[:, -1]
+        picked = torch.cat([self._pick(row, logits[i : i + 1], first=False) for i, row in enumerate(self._rows)])
+        self._pos += 1
+        self._tok[:, 0] = picked
+        for row, tok in zip(self._rows, picked.tolist()):
+            self._record(row, tok)
+
+    def _drop_finished(self) -> None:
+        """Remove finished and cancelled rows (freeing their cache rows) and all-padding leading columns."""
+        keep = [i for i, r in enumerate(self._rows) if not (r.request.done or r.request._cancel)]
+        if len(keep) == len(self._rows):
+            return
+        kept = set(keep)
+        gone = [r.request for i, r in enumerate(self._rows) if i not in kept]
+        if not keep:
+            self._reset()
+        else:
+            index = torch.tensor(keep, device=self._mask.device)
+            L = self._cache.length
+            mask = self._mask.index_select(0, index)
+            lead = int(mask[:, :L].any(0).long().argmax())  # first column some kept row uses
+            self._cache.trim_left(lead)
+            self._cache.select(index)
+            for name, t in list(self._cache.state.items()):  # batch-first (the token convolution's inputs)
+                self._cache.state[name] = t.index_select(0, index)
+            self._mask = mask[:, lead:]
+            self._pos, self._tok = self._pos.index_select(0, index), self._tok.index_select(0, index)
+            self._rows = [self._rows[i] for i in keep]
+        for req in gone:
+            self._release(req)
+
+    def _release(self, req: Request, reason: str = "cancelled") -> None:
+        req._finish(reason)  # no-op when already finished ("stop"/"length")
+        req._released.set()
+
+    def _cancel(self, req: Request) -> None:
+        if req.done:
+            return
+        req._cancel = True
+        with self._cv:
+            if req in self._pending:
+                self._pending.remove(req)
+                self._release(req)
+                return
+        if self._owner == threading.get_ident():
+            return  # inside this step's callback: the step drops the row before it returns
+        while not req._released.wait(0.002):  # a step in another thread frees it at its end, or we do
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._drop_finished()
+                finally:
+                    self._lock.release()
+
+    def _fail(self, error: BaseException) -> None:
+        for req in [r.request for r in self._rows] + self._inflight:
+            req._finish("error", error)
+            req._released.set()
+        self._inflight = []
+        self._reset()
