@@ -16,6 +16,12 @@ def _cmd_bench(args) -> int:
     from . import bench
 
     progress = None if args.json else (lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
+    if args.what == "generate":  # qkv's own engine against its own sequential decoding: no extras needed
+        from . import bench_generate as suite
+
+        result = suite.run(quick=args.quick, repeat=args.repeat, progress=progress)
+        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
+        return 0
     if args.what in ("text", "media", "train"):
         try:
             import importlib
@@ -125,6 +131,12 @@ def _cmd_generate(args) -> int:
         for p, c in zip(prompts, out):
             print(_safe(p + c if model.continues_prompt else c))
     return 0
+
+
+def _cmd_chat(args) -> int:
+    from . import chat
+
+    return chat.run(args)
 
 
 def _cmd_transcribe(args) -> int:
@@ -277,10 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention", "text", "media", "train"],
+    b.add_argument("what", choices=["attention", "text", "media", "train", "generate"],
                    help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding; "
-                        "media: transcription and ViT; train: GPT-2-style training steps; the last three against "
-                        "the reference libraries")
+                        "media: transcription and ViT; train: GPT-2-style training steps (these three against "
+                        "the reference libraries); generate: continuous batching against requests run one "
+                        "after another, latency at 1/4/16 concurrent requests, turn-2 prefill with a KV cache")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
@@ -316,6 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
     ge.add_argument("--json", action="store_true", help="print prompts and completions as JSON")
     ge.set_defaults(func=_cmd_generate)
+
+    ch = sub.add_parser("chat", help="a multi-turn conversation with a chat model",
+                        description="Chat with a causal LM that has a chat template, one message per stdin line "
+                                    "(terminal or piped); the reply streams, the KV cache is kept between turns. "
+                                    "/reset clears the conversation, /exit or end of input quits.")
+    ch.add_argument("--model", required=True, help="model folder (config.json, model.safetensors, tokenizer.json "
+                    "and a chat template)")
+    ch.add_argument("--template", help="a Jinja chat template file, for a model whose tokenizer has none")
+    ch.add_argument("--system", default=None, help="the system message")
+    ch.add_argument("--max-new-tokens", type=integer(1, 1_000_000), default=None,
+                    help="longest reply, and the room kept for it in the context (default 256 or half the context)")
+    ch.add_argument("--max-context", type=integer(2, 1_000_000), default=None, help="tokens of context (default: "
+                    "the model's max_positions); when full, the oldest turns are dropped")
+    ch.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ch.add_argument("--temperature", type=number(0, 100, low_open=True), default=1.0)
+    ch.add_argument("--top-p", type=number(0, 1, low_open=True), default=None)
+    ch.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
+    ch.add_argument("--explain", type=integer(1, 1000), nargs="?", const=10, default=None, metavar="N",
+                    help="after each reply, the N (default 10) earlier tokens it attended to most")
+    ch.add_argument("--json", action="store_true", help="one JSON object per turn (nothing streamed)")
+    ch.set_defaults(func=_cmd_chat)
 
     tr = sub.add_parser("transcribe", help="speech to text", description="Transcribe English speech (WAV, FLAC, ...).")
     tr.add_argument("files", nargs="+", help="audio files")

@@ -120,6 +120,10 @@ def load_data(cfg, task: str, seed: int = 0) -> Data:
         raise DataError(f"data.dataset: {name!r} is not one of {sorted(BUILTIN)}")
     if name == "shakespeare" or (name is None and task == "lm"):
         return _lm(shakespeare_text() if name else _read_text(cfg.path), cfg, seed)
+    if name is None and task == "chat":
+        from .chat import chat_data
+
+        return chat_data(cfg, seed)
     if name == "fortunes" or (name is None and task == "classify"):
         return _classify(_call(fortunes_records, opts) if name else read_records(cfg.path, ("text", "label")), cfg, seed)
     if name == "reverse" or (name is None and task == "seq2seq"):

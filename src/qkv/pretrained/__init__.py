@@ -10,6 +10,7 @@ import torch
 
 from ..convert import ConversionError, check_complete, ctranslate2, huggingface
 from ..models import CausalLM, Seq2Seq, SpeechRecognizer, TextEncoder, VisionTransformer
+from ..models.generation import generation_defaults
 from ._files import load_file, load_weights, read_json
 from .tokenizer import Tokenizer
 
@@ -229,6 +230,9 @@ def _attach(model, folder: Path, family: str, config, *, device, dtype, backend)
     if (folder / "tokenizer.json").exists():
         max_len = getattr(config, "max_length", None) if family == "text_encoder" else None
         model.tokenizer = Tokenizer.from_file(folder, max_length=max_len)
+    if (folder / "generation_config.json").is_file() and type(model) in (CausalLM, Seq2Seq):
+        # the checkpoint's generation settings (stop tokens, sampling): defaults that explicit options win over
+        model.generation_defaults = generation_defaults(read_json(folder / "generation_config.json"))
     model.source = str(folder)
     return model
 

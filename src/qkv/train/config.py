@@ -23,7 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-TASKS = ("lm", "classify", "seq2seq", "image", "audio", "signal", "listops", "mqar")
+TASKS = ("lm", "classify", "seq2seq", "image", "audio", "signal", "listops", "mqar", "chat")
 TOKENIZERS = ("char", "bpe", "wordpiece")
 MAX_LR = 10.0  # AdamW moves every weight by about lr per step: beyond 10 a run only diverges
 MAX_COUNT = 2**31 - 1  # steps, batch sizes, intervals: beyond it torch's index arithmetic overflows
@@ -41,7 +41,8 @@ class DataConfig:
     tokenizer: str = "char"  # text: "char", "bpe" or "wordpiece" (trained on the training split)
     vocab_size: int = 2048  # bpe / wordpiece
     block_size: int = 256  # lm: tokens per training window
-    max_length: int = 256  # classify / seq2seq: tokens per text
+    max_length: int = 256  # classify / seq2seq: tokens per text; chat: tokens per conversation
+    chat_template: str | None = None  # chat: a Jinja template file, or a model/tokenizer folder (default ChatML)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     options: dict = field(default_factory=dict)  # dataset-specific (e.g. listops lengths, mqar pairs)
@@ -143,6 +144,8 @@ RULES: dict[str, tuple[_Test, _Text]] = {
     "data.path": (lambda v, cfg: v is None or bool(v.strip()), "must name a file or folder of your data"),
     "data.tokenizer": (lambda v, cfg: v in TOKENIZERS, f"must be one of {', '.join(TOKENIZERS)}"),
     "data.vocab_size": (_count(8, MAX_TOKENS), f"must be in [8, {MAX_TOKENS}]; 2048 to 32000 suits most text"),
+    "data.chat_template": (lambda v, cfg: v is None or bool(v.strip()),
+                           "must name a Jinja chat template file or a model/tokenizer folder holding one"),
     "data.block_size": (_count(1, MAX_TOKENS), f"must be in [1, {MAX_TOKENS}] tokens per window, e.g. 256"),
     "data.max_length": (_count(2, MAX_TOKENS), (f"must be in [2, {MAX_TOKENS}] (two tokens go to <cls>/<sep> or "
                                                 "<eos>), e.g. 256")),

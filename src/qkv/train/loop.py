@@ -20,7 +20,8 @@ from ..data import load_data
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained
 from .config import TrainConfig
 from .progress import Progress, plot_curves
-from .tasks import METRIC, build_model, evaluate, loss_and_stats
+from ..models import CausalLM
+from .tasks import METRIC, TASKS, build_model, evaluate, loss_and_stats
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             total, items = 0.0, 0
+            per_token = TASKS[cfg.task].model is CausalLM  # rate in tokens read (lm, mqar, chat), else examples
             for micro in range(t.accumulate):
                 batch = data.sample("train", per_step, sampler, cfg.data.block_size)
                 batch = {k: v[rank * t.batch_size : (rank + 1) * t.batch_size].to(device) for k, v in batch.items()}
@@ -147,14 +149,14 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                     loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing)
                 (loss / t.accumulate).backward()  # even when not finite: under DDP every rank joins the reduction
                 total += float(loss.detach()) / t.accumulate
-                items += batch[next(iter(batch))].numel() if cfg.task in ("lm", "mqar") else stats["count"]
+                items += batch[next(iter(batch))].numel() if per_token else stats["count"]
             _stop_if_diverged(step + 1, total, _grad_norm(model, t.grad_clip), cfg, optimizer, out, world, device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step + 1
             rate = items * world / max(time.perf_counter() - t0, 1e-9)
             bar.update(step + 1, loss=total, lr=optimizer.param_groups[0]["lr"], rate=rate,
-                       unit="tok/s" if cfg.task in ("lm", "mqar") else "ex/s", write=(step + 1) % t.log_every == 0)
+                       unit="tok/s" if per_token else "ex/s", write=(step + 1) % t.log_every == 0)
             last = step + 1 == t.steps
             if rank == 0 and ((step + 1) % t.eval_every == 0 or last):
                 limit = 0 if last else t.eval_batches  # the final evaluation reads the whole split

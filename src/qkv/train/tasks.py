@@ -116,6 +116,9 @@ TASKS: dict[str, Task] = {
     "mqar": Task(CausalLMConfig, CausalLM, _fill_lm, _query_loss, "accuracy", "max", "query",
                  dict(dim=128, n_layers=2, n_heads=2, ffn_dim=256, positions="learned", token_conv=2, norm="rms",
                       activation="swiglu", bias=False)),
+    # conversations: the lm loss on assistant tokens only (qkv.data.chat sets the other labels to IGNORE)
+    "chat": Task(CausalLMConfig, CausalLM, _fill_lm, _token_loss, "loss", "min", "token",
+                 dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512, activation="gelu_tanh", dropout=0.0)),
     "classify": Task(TextEncoderConfig, TextEncoder, _fill_classify, _text_label_loss, "accuracy", "max", "text",
                      dict(dim=128, n_layers=2, n_heads=4, ffn_dim=512, dropout=0.1, attn_dropout=0.1)),
     "listops": Task(TextEncoderConfig, TextEncoder, _fill_classify, _text_label_loss, "accuracy", "max",
