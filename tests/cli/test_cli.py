@@ -63,6 +63,13 @@ def test_embed_info_generate_commands(tmp_path, capsys):
     gen = json.loads(capsys.readouterr().out)
     assert gen[0]["prompt"] == "the river"
     assert gen[0]["completion"] == qkv.load(folder).generate("the river", max_new_tokens=5)
+    assert main(["generate", "--model", str(folder), "--max-new-tokens", "6", "--num-beams", "3",
+                 "--repetition-penalty", "1.3", "--json", "the river"]) == 0
+    beams = json.loads(capsys.readouterr().out)
+    assert beams[0]["completion"] == qkv.load(folder).generate("the river", max_new_tokens=6, num_beams=3,
+                                                                repetition_penalty=1.3)
+    assert main(["generate", "--model", str(folder), "--num-beams", "2", "--sample", "x"]) == 2
+    assert "--num-beams" in capsys.readouterr().err
 
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "registered" in capsys.readouterr().err

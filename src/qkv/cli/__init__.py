@@ -122,9 +122,14 @@ def _cmd_classify(args) -> int:
 def _cmd_generate(args) -> int:
     model = _model_that(args, "generate", "generate text")
     prompts = _texts(args)
-    out = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample or args.temperature != 1.0
-                         or args.top_k is not None or args.top_p is not None, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sample = args.sample or args.temperature != 1.0 or any(
+        v is not None for v in (args.top_k, args.top_p, args.min_p))
+    if sample and args.num_beams:
+        raise UsageError("--num-beams is beam search (deterministic): drop --sample, --temperature, --top-k, "
+                         "--top-p and --min-p, or drop --num-beams")
+    out = model.generate(prompts, max_new_tokens=args.max_new_tokens, do_sample=sample, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=args.stop or None,
+                         repetition_penalty=args.repetition_penalty, num_beams=args.num_beams)
     if args.json:
         print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(prompts, out)]))
     else:
@@ -326,7 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--temperature", type=number(0, 100, low_open=True), default=1.0)
     ge.add_argument("--top-k", type=integer(1), default=None)
     ge.add_argument("--top-p", type=number(0, 1, low_open=True), default=None)
+    ge.add_argument("--min-p", type=number(0, 1), default=None, help="drop tokens below min_p x the top probability")
     ge.add_argument("--seed", type=integer(0, 2**63 - 1), default=None)
+    ge.add_argument("--repetition-penalty", type=number(0, 100, low_open=True), default=None,
+                    help="transformers' repetition penalty (> 1 discourages repeats)")
+    ge.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end the completion before this text (repeatable)")
+    ge.add_argument("--num-beams", type=integer(1, 64), default=None, help="beam search with this many beams")
     ge.add_argument("--json", action="store_true", help="print prompts and completions as JSON")
     ge.set_defaults(func=_cmd_generate)
 

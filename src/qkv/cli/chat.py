@@ -24,9 +24,7 @@ def _template(args, tokenizer):
 
     if args.template:
         path = input_file(args.template, "--template")
-        specials = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-                    "pad_token": tokenizer.pad_token}
-        return ChatTemplate(path.read_text(encoding="utf-8"), special_tokens=specials)
+        return ChatTemplate(path.read_text(encoding="utf-8"), special_tokens=tokenizer.special_texts())
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.model} has no chat template (no chat_template.jinja, no chat_template in "
                          "tokenizer_config.json), so its turns cannot be rendered: give one with --template FILE "

@@ -2,9 +2,10 @@
 
 An `Engine` keeps one left-padded batch: a `qkv.nn.KVCache` of (B, Hkv, T, D)
 buffers, a (B, T) 0/1 attention mask over its columns and each row's next
-position. A request that arrives is prefilled alone (B = 1, its own cache, so
-its first token is exactly what ``model.generate`` would pick), then merged into
-the batch by left-padding whichever side is shorter; each `Engine.step` then
+position. The requests that arrive before a step are prefilled together (one
+left-padded call, as ``model.generate`` prefills a batch: each weight matrix is
+read once for all of them), then merged into the batch by left-padding
+whichever side is shorter; each `Engine.step` then
 decodes one token for every running row in one model call; finished and
 cancelled rows are removed (``index_select``) and all-padding leading columns
 trimmed. Left padding keeps every row's real tokens contiguous and ending at the
@@ -388,53 +389,75 @@ class Engine:
     # -- the batch -------------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        """Prefill the queued requests that fit, each alone, and merge the survivors into the batch."""
+        """Take the queued requests that fit, prefill them together, and merge them into the batch."""
         reserved = sum(len(r.request.prompt) + r.request.config.max_new_tokens for r in self._rows)
-        fresh: list[tuple[_Row, KVCache]] = []
-        while len(self._rows) + len(fresh) < self.max_batch:
+        taken: list[Request] = []
+        while len(self._rows) + len(taken) < self.max_batch:
             with self._cv:
                 if not self._pending:
                     break
                 req = self._pending[0]
                 need = len(req.prompt) + req.config.max_new_tokens
-                if reserved + need > self.max_tokens and (self._rows or fresh):
+                if reserved + need > self.max_tokens and (self._rows or taken):
                     break
                 self._pending.popleft()
             reserved += need
-            self._inflight = [r.request for r, _ in fresh] + [req]
-            row, cache = self._prefill(req)
-            if row is not None:
-                fresh.append((row, cache))
-        if fresh:
-            self._merge(fresh)
+            taken.append(req)
+        self._inflight = taken
+        group = self._prefill(taken) if taken else None
+        if group is not None:
+            self._merge(*group)
         self._inflight = []
 
-    def _prefill(self, req: Request) -> tuple[_Row | None, KVCache | None]:
-        cfg = req.config
-        if req._cancel or cfg.max_new_tokens == 0:
-            self._release(req, "cancelled" if req._cancel else "length")
-            return None, None
+    def _prefill(self, reqs: list[Request]) -> tuple[list[_Row], KVCache, torch.Tensor] | None:
+        """Prefill new requests in one left-padded model call (each weight matrix read once for all of them,
+        not once per request) and choose their first tokens. Returns the rows still running, their cache
+        and their (n, T) 0/1 mask, or None when none is."""
+        live = []
+        for req in reqs:
+            if req._cancel or req.config.max_new_tokens == 0:
+                self._release(req, "cancelled" if req._cancel else "length")
+            else:
+                live.append(req)
+        if not live:
+            return None
         dev = self.model.device
-        T = len(req.prompt)
-        history = torch.zeros(1, T + cfg.max_new_tokens, dtype=torch.long, device=dev)
-        history[0, :T] = torch.tensor(req.prompt, dtype=torch.long)
-        generator = None
-        if cfg.do_sample and cfg.seed is not None:
-            generator = torch.Generator(device=dev).manual_seed(cfg.seed)
-        row = _Row(req, generator, history, T, frozenset(cfg.stop_ids))
-        if cfg.stop:
-            from .streaming import TextStream
+        T = max(len(r.prompt) for r in live)
+        ids = torch.zeros(len(live), T, dtype=torch.long, device=dev)
+        mask = torch.zeros(len(live), T, dtype=torch.long, device=dev)
+        rows = []
+        for i, req in enumerate(live):
+            cfg, n = req.config, len(req.prompt)
+            history = torch.zeros(1, n + cfg.max_new_tokens, dtype=torch.long, device=dev)
+            history[0, :n] = torch.tensor(req.prompt, dtype=torch.long)
+            ids[i, T - n :], mask[i, T - n :] = history[0, :n], 1
+            generator = None
+            if cfg.do_sample and cfg.seed is not None:
+                generator = torch.Generator(device=dev).manual_seed(cfg.seed)
+            row = _Row(req, generator, history, n, frozenset(cfg.stop_ids))
+            if cfg.stop:
+                from .streaming import TextStream
 
-            row.text = TextStream(self.model.tokenizer, cfg.stop, stop_token_ids=cfg.stop_ids)
+                row.text = TextStream(self.model.tokenizer, cfg.stop, stop_token_ids=cfg.stop_ids)
+            rows.append(row)
         cache = KVCache(self.model.config.n_layers, capacity=T)
-        mask = torch.ones(1, T, dtype=torch.long, device=dev)
-        logits = self.model(history[:, :T], mask, torch.arange(T, device=dev)[None], cache=cache,
-                            last_only=True).logits[:, -1]
-        tok = int(self._pick(row, logits, first=True))
-        if self._record(row, tok):
-            self._release(req)
-            return None, None
-        return row, cache
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt counts from 0 past its padding
+        logits = self.model(ids, mask, positions, cache=cache, last_only=True).logits[:, -1]
+        keep = []
+        for i, row in enumerate(rows):
+            if self._record(row, int(self._pick(row, logits[i : i + 1], first=True))):
+                self._release(row.request)
+            else:
+                keep.append(i)
+        if not keep:
+            return None
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=dev)
+            cache.select(index)
+            for name, t in list(cache.state.items()):  # batch-first (the token convolution's inputs)
+                cache.state[name] = t.index_select(0, index)
+            mask = mask.index_select(0, index)
+        return [rows[i] for i in keep], cache, mask
 
     def _pick(self, row: _Row, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The next token (a (1,) tensor) from one row of logits (1, V) with the request's own settings."""
@@ -461,10 +484,10 @@ class Engine:
             req._finish("length")
         return req.done or req._cancel
 
-    def _merge(self, fresh: list[tuple[_Row, KVCache]]) -> None:
-        """Join new rows (each with its own one-row cache) to the batch, left-padding the shorter side."""
-        rows = self._rows + [r for r, _ in fresh]
-        caches = ([self._cache] if self._cache is not None else []) + [c for _, c in fresh]
+    def _merge(self, new_rows: list[_Row], new_cache: KVCache, new_mask: torch.Tensor) -> None:
+        """Join newly prefilled rows (their cache and (n, T) mask) to the batch, left-padding the shorter side."""
+        rows = self._rows + new_rows
+        caches = ([self._cache] if self._cache is not None else []) + [new_cache]
         length = max(c.length for c in caches)
         capacity = length + max(r.remaining for r in rows) + 1  # no buffer growth while decoding these rows
         dev = self.model.device
@@ -473,10 +496,9 @@ class Engine:
         if old:
             L = self._cache.length
             mask[:old, length - L : length] = self._mask[:, :L]
-        for i, (_, c) in enumerate(fresh):
-            mask[old + i, length - c.length : length] = 1
-        pos = torch.tensor([[r.n - 1] for r, _ in fresh], dtype=torch.long, device=dev)
-        tok = torch.tensor([[int(r.history[0, r.n - 1])] for r, _ in fresh], dtype=torch.long, device=dev)
+        mask[old:, length - new_cache.length : length] = new_mask
+        pos = torch.tensor([[r.n - 1] for r in new_rows], dtype=torch.long, device=dev)
+        tok = torch.tensor([[int(r.history[0, r.n - 1])] for r in new_rows], dtype=torch.long, device=dev)
         self._cache = KVCache.merge(caches, capacity=capacity)
         self._mask = mask
         self._pos = pos if not old else torch.cat([self._pos, pos])

@@ -101,7 +101,7 @@ class Tokenizer:
                 raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no chat_template "
                                  "in tokenizer_config.json): pass chat_template= the Jinja text, or set "
                                  "tokenizer.chat_template = qkv.models.chat.ChatTemplate(text)")
-            template = ChatTemplate(chat_template, special_tokens=self._special_texts())
+            template = ChatTemplate(chat_template, special_tokens=self.special_texts())
             chat_template = None
         text = template.render(messages, add_generation_prompt=add_generation_prompt,
                                continue_final_message=continue_final_message, tools=tools, documents=documents,
@@ -112,7 +112,7 @@ class Tokenizer:
             return [self.encode(t, add_special_tokens=False) for t in text]
         return self.encode(text, add_special_tokens=False)
 
-    def _special_texts(self) -> dict[str, str]:
+    def special_texts(self) -> dict[str, str]:
         """The named special tokens a template sees: those of the folder, else pad/eos/bos as set here."""
         named = {k: v for k, v in self._specials.items() if k in SPECIAL_TOKENS}
         for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token), ("pad_token", self.pad_token)):
