@@ -18,7 +18,6 @@ Ratios come from interleaved runs (medians), as in the other suites.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch

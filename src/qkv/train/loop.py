@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from ..data import load_data
+from ..models import CausalLM
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained
 from .config import TrainConfig
 from .progress import Progress, plot_curves
-from ..models import CausalLM
 from .tasks import METRIC, TASKS, build_model, evaluate, loss_and_stats
 
 log = logging.getLogger(__name__)
