@@ -144,6 +144,12 @@ def _cmd_chat(args) -> int:
     return chat.run(args)
 
 
+def _cmd_serve(args) -> int:
+    from . import serve
+
+    return serve.run(args)
+
+
 def _cmd_transcribe(args) -> int:
     for path in args.files:
         input_file(path, "audio file")
@@ -361,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after each reply, the N (default 10) earlier tokens it attended to most")
     ch.add_argument("--json", action="store_true", help="one JSON object per turn (nothing streamed)")
     ch.set_defaults(func=_cmd_chat)
+
+    from . import serve as _serve
+
+    _serve.add_parser(sub)
+    sub.choices["serve"].set_defaults(func=_cmd_serve)
 
     tr = sub.add_parser("transcribe", help="speech to text", description="Transcribe English speech (WAV, FLAC, ...).")
     tr.add_argument("files", nargs="+", help="audio files")

@@ -1,0 +1,275 @@
+"""The ASGI app: OpenAI's routes over qkv models, by what each model does.
+
+`create_app` takes ``{name: model}``: a `qkv.models.TextEncoder` (``.embed``) serves
+``/v1/embeddings``; a `qkv.models.CausalLM` with a tokenizer serves ``/v1/completions`` and, when its
+tokenizer has a chat template, ``/v1/chat/completions``, on one continuous-batching engine per model
+(started with the app, stopped at its shutdown). Requests are parsed and checked here; the models do
+the work, as the CLI calls them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import openai_shapes as shapes
+from .errors import APIError, bad_field
+from .generate import Generator, Job
+
+log = logging.getLogger(__name__)
+
+
+class _Encoder:
+    """A sentence encoder: one ``embed`` call at a time per model (torch ops use the cores already)."""
+
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
+        self.lock = threading.Lock()
+        sizes = [getattr(model.config, k, None) for k in ("max_positions", "max_length")]  # embed truncates
+        self.context = min((n for n in sizes if n), default=None)  # at max_length: refuse instead
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        with self.lock:
+            return self.model.embed(texts).float().cpu().numpy()
+
+    def count(self, texts: list[str]) -> list[int]:
+        with self.lock:  # the tokenizer toggles truncation while encoding batches
+            return [len(e) for e in (self.model.tokenizer.encode(t) for t in texts)]
+
+
+def _kind(name: str, model, max_queue: int, max_batch: int):
+    if getattr(model, "continues_prompt", False):
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError(f"model {name!r} has no tokenizer: the server reads and writes text; put its "
+                             "tokenizer.json in the folder (or set model.tokenizer)")
+        return Generator(name, model, max_queue=max_queue, max_batch=max_batch)
+    if hasattr(model, "embed") and getattr(model, "tokenizer", None) is not None:
+        return _Encoder(name, model)
+    raise ValueError(f"model {name!r} is a {type(model).__name__}: this server serves sentence encoders "
+                     "(embeddings) and causal language models (completions, chat)")
+
+
+async def _body(request: Request, limit: int) -> dict:
+    """The request's JSON object; 413 past ``limit`` bytes (checked as it arrives), 400 if not JSON."""
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise APIError(413, f"the request body ({size} bytes) is larger than this server accepts ({limit} "
+                       "bytes); send less", code="body_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, f"the request body is larger than this server accepts ({limit} bytes); "
+                           "send less", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e}); send a JSON object",
+                       code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}",
+                       code="invalid_json")
+    return body
+
+
+class _Auth:
+    """Pure ASGI middleware: with an API key, every route but /health needs ``Authorization: Bearer KEY``
+    (compared in constant time)."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.key = app, (api_key.encode() if api_key else None)
+
+    async def __call__(self, scope, receive, send):
+        if self.key is None or scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+            err = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+            return await err.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
+               max_body_bytes: int = 4 * 2**20, max_input_tokens: int = 8192, max_tokens_limit: int = 4096,
+               max_batch: int = 16) -> Starlette:
+    """An OpenAI-compatible ASGI app over ``{name: model}`` (see the module docstring for the routes).
+
+    ``max_queue``: generation requests that may wait per model beyond the running batch (429 past it);
+    ``max_body_bytes``: largest request body (413); ``max_input_tokens``: longest input (400);
+    ``max_tokens_limit``: largest ``max_tokens`` (400); ``max_batch``: rows each engine decodes together.
+    ``app.state.served`` maps each name to its `Generator` (``.engine``) or encoder.
+    """
+    if not models:
+        raise ValueError("create_app: give at least one model, as {name: model}")
+    for name, value in (("max_queue", max_queue), ("max_body_bytes", max_body_bytes),
+                        ("max_input_tokens", max_input_tokens), ("max_tokens_limit", max_tokens_limit),
+                        ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
+            raise ValueError(f"create_app: {name}={value!r} must be a positive int")
+    served = {name: _kind(name, m, max_queue, max_batch) for name, m in models.items()}
+    generators = [s for s in served.values() if isinstance(s, Generator)]
+
+    def pick(body: dict, want: type, route: str):
+        name = body.get("model")
+        if name is None and len(served) == 1:
+            name = next(iter(served))
+        if not isinstance(name, str):
+            raise bad_field("model", f"give the name of a served model: one of {sorted(served)}")
+        if name not in served:
+            raise APIError(404, f"the model {name!r} does not exist here; served: {sorted(served)}",
+                           param="model", code="model_not_found")
+        s = served[name]
+        if not isinstance(s, want):
+            raise bad_field("model", f"{name} is a {type(s.model).__name__}, which {route} does not serve")
+        return name, s
+
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    async def list_models(request):
+        return JSONResponse(shapes.model_list(served))
+
+    async def get_model(request):
+        name = request.path_params["name"]
+        if name not in served:
+            raise APIError(404, f"the model {name!r} does not exist here; served: {sorted(served)}",
+                           param="model", code="model_not_found")
+        return JSONResponse(shapes.model_card(name))
+
+    async def embeddings(request):
+        body = await _body(request, max_body_bytes)
+        name, enc = pick(body, _Encoder, "/v1/embeddings")
+        texts, fmt = shapes.texts(body, "input"), shapes.encoding_format(body)
+        if len(texts) > shapes.MAX_INPUTS:
+            raise bad_field("input", f"holds {len(texts)} texts; send at most {shapes.MAX_INPUTS} per request")
+        dims = shapes.integer(body, "dimensions", 1, 1 << 20)
+        if dims is not None and dims != enc.model.config.dim:
+            raise bad_field("dimensions", f"{name} gives {enc.model.config.dim}-dimensional embeddings only")
+        counts = await asyncio.to_thread(enc.count, texts)
+        limit = min(max_input_tokens, enc.context or max_input_tokens)
+        for i, n in enumerate(counts):
+            if n > limit:
+                raise APIError(400, f"input[{i}]: {n} tokens is more than {name} accepts ({limit}); shorten it",
+                               param="input", code="context_length_exceeded")
+        vectors = await asyncio.to_thread(enc.embed, texts)
+        return JSONResponse(shapes.embedding_list(name, vectors, fmt, sum(counts)))
+
+    async def completions(request):
+        return await _generate(request, chat=False)
+
+    async def chat_completions(request):
+        return await _generate(request, chat=True)
+
+    async def _generate(request, chat: bool):
+        body = await _body(request, max_body_bytes)
+        name, gen = pick(body, Generator, "/v1/chat/completions" if chat else "/v1/completions")
+        prompts, n, max_new_tokens = await _prompts(body, gen, chat)
+        stream = shapes.flag(body, "stream")
+        options = body.get("stream_options")
+        include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
+        gen.start()  # no-op when the lifespan started it
+        job = Job(name, gen, gen.submit(prompts, n, max_new_tokens), chat,
+                  prompt_tokens=sum(len(p.ids) for p in prompts) * n, include_usage=include_usage)
+        if stream:
+            return StreamingResponse(job.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        result = await _unless_disconnected(request, job.result())
+        return Response(status_code=499) if result is None else JSONResponse(result)  # 499: nobody reads it
+
+    async def _prompts(body: dict, gen: Generator, chat: bool):
+        """The request's prompts (tokenized on a worker thread: a long input must not hold up the other
+        requests), choices per prompt and new-token budget."""
+        shapes.unsupported(body, {"logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+                                  "suffix": ("",), "best_of": (1,), "logit_bias": ({},), "tools": ([],),
+                                  "tool_choice": ("none",), "response_format": ({"type": "text"},)})
+        n = shapes.integer(body, "n", 1, shapes.MAX_N, 1)
+        opts = shapes.sampling(body, getattr(gen.model, "generation_defaults", None) or {})
+        stops = shapes.stop(body)
+        if stops:
+            opts["stop"] = stops
+        max_tokens = shapes.integer(body, "max_tokens", 1, max_tokens_limit)
+        if chat:
+            max_tokens = shapes.integer(body, "max_completion_tokens", 1, max_tokens_limit, max_tokens)
+            msgs = shapes.messages(body)
+            prompts = [await asyncio.to_thread(gen.chat_prompt, msgs, opts)]
+            param, default = "messages", None  # chat: as long as the context allows
+        else:
+            inputs = shapes.texts(body, "prompt")
+            prompts = await asyncio.to_thread(lambda: [gen.prompt(t, opts) for t in inputs])
+            param, default = "prompt", 16  # OpenAI's default for completions
+        budget = min(gen.check_length(p, max_tokens, limit=max_tokens_limit, max_input=max_input_tokens,
+                                      param=param, default=default) for p in prompts)
+        return prompts, n, budget
+
+    async def api_error(request, exc: APIError):
+        return exc.response()
+
+    async def http_error(request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return APIError(exc.status_code, msg, code=code).response()
+
+    async def server_error(request, exc: Exception):
+        log.exception("request %s %s failed", request.method, request.url.path)
+        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for g in generators:
+            g.start()
+        try:
+            yield
+        finally:  # after uvicorn's graceful shutdown: the running requests have finished
+            for g in generators:
+                g.stop()
+
+    routes = [Route("/health", health), Route("/v1/models", list_models),
+              Route("/v1/models/{name:path}", get_model),
+              Route("/v1/embeddings", embeddings, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+    app.state.served = served
+    app.add_middleware(_Auth, api_key=api_key)
+    return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work`` unless the client goes away first: then cancel it (which cancels its engine
+    requests) and return None."""
+    task, gone = asyncio.ensure_future(work), asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (the body is read already, so the next message the server
+    sends is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
