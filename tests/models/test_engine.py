@@ -177,8 +177,9 @@ def test_history_is_prompt_plus_generated(monkeypatch):
     seen = []
     original = generation.next_token
 
-    def next_token(logits, cfg, generator, first=False, history=None):
+    def next_token(logits, cfg, generator, first=False, history=None, prompt_len=None):
         seen.append((first, history[0].tolist()))
+        assert prompt_len == 3  # presence / frequency penalties count the generated tokens only
         return original(logits, cfg, generator, first=first)
 
     monkeypatch.setattr(generation, "next_token", next_token)

@@ -33,12 +33,6 @@ def rows_per_prompt(cfg: GenerationConfig) -> int:
     return cfg.num_beams if cfg.num_beams > 1 else cfg.num_return_sequences
 
 
-def _reorder_state(cache: KVCache, index: torch.Tensor) -> None:
-    cache.select(index)
-    for k, v in list(cache.state.items()):  # e.g. the token convolution's last inputs
-        cache.state[k] = v.index_select(0, index)
-
-
 def causal_session(model, input_ids: torch.Tensor, attention_mask, cfg: GenerationConfig) -> Session:
     """A causal LM over left-padded prompts (B, T), each repeated `rows_per_prompt` times (as transformers
     expands them before the first forward)."""
@@ -59,7 +53,7 @@ def causal_session(model, input_ids: torch.Tensor, attention_mask, cfg: Generati
         return model(tok[:, None], state["mask"], state["pos"], cache=cache).logits[:, -1]
 
     def reorder(index: torch.Tensor) -> None:
-        _reorder_state(cache, index)
+        cache.select(index)
         state["mask"], state["pos"] = state["mask"].index_select(0, index), state["pos"].index_select(0, index)
 
     history = input_ids.masked_fill(attention_mask == 0, -1)
@@ -87,7 +81,7 @@ def seq2seq_session(model, input_ids: torch.Tensor, attention_mask, cfg: Generat
                      encoder_output=state["encoded"], cache=cache).logits[:, -1]
 
     def reorder(index: torch.Tensor) -> None:
-        _reorder_state(cache, index)
+        cache.select(index)
         if state["mask"] is not None:
             state["mask"] = state["mask"].index_select(0, index)
         enc = state["encoded"]

@@ -19,178 +19,20 @@ own ``torch.Generator``, so its tokens do not depend on the company it keeps.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
-import inspect
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..nn import KVCache
 from . import generation
 from .generation import GenerationConfig
+from .request import Request
 
 log = logging.getLogger(__name__)
-
-
-class Request:
-    """One submitted prompt: stream its tokens as they come, wait for all of them, or cancel it.
-
-    ``tokens`` holds the new token ids so far (the stop token included, as
-    ``generate`` returns it); ``finish_reason`` is None while running, then
-    "stop", "length", "cancelled" or "error". Iterating blocks for each next
-    token; `poll` returns the tokens that arrived since the last poll without
-    blocking, and ``on_token(request, token)`` / ``on_finish(request)`` (given to
-    `Engine.submit`) are called from the thread that drives the engine (an
-    asyncio server hands them over with ``loop.call_soon_threadsafe``).
-    """
-
-    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig, on_token=None, on_finish=None):
-        self.engine = engine
-        self.prompt = prompt
-        self.config = config
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        self.error: BaseException | None = None
-        self.submitted = time.perf_counter()
-        self.first_token_time: float | None = None  # perf_counter() when the first token arrived
-        self.finished_time: float | None = None
-        self._on_token, self._on_finish = on_token, on_finish
-        self._cond = threading.Condition()
-        self._polled = 0
-        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # async iterators waiting
-        self._cancel = False
-        self._released = threading.Event()  # set once the request holds no cache rows and is not queued
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def text(self) -> str:
-        """The new tokens as text, as ``generate`` returns it: up to the first stop token, before the first
-        stop string (needs the model's tokenizer)."""
-        from .streaming import cut_at_stop
-
-        tok = self.engine.model._require_tokenizer("Request.text")
-        return cut_at_stop(tok.decode(generation.cut(self.tokens, self.config)), self.config.stop)
-
-    def __iter__(self) -> Iterator[int]:
-        """Each new token id as it is generated (blocks; drives the engine itself if no thread does)."""
-        i = 0
-        while True:
-            self._wait(lambda: len(self.tokens) > i, None)
-            with self._cond:
-                if len(self.tokens) <= i:
-                    break
-                tok = self.tokens[i]
-            i += 1
-            yield tok
-        self._raise()
-
-    async def __aiter__(self):
-        """Each new token id as it is generated, awaited (``async for tok in request``); needs the
-        engine's background thread (`Engine.start`)."""
-        if not self.engine.running and not self.done:
-            raise RuntimeError("async iteration needs the engine's background thread: call engine.start() "
-                               "or use `with Engine(model) as engine:`")
-        loop, i = asyncio.get_running_loop(), 0
-        while True:
-            with self._cond:
-                tok = self.tokens[i] if len(self.tokens) > i else None
-                if tok is None and not self.done:
-                    fut = loop.create_future()
-                    self._futures.append((loop, fut))
-            if tok is not None:
-                i += 1
-                yield tok
-            elif self.done:
-                break
-            else:
-                await fut
-        self._raise()
-
-    def poll(self) -> list[int]:
-        """The tokens generated since the last poll (never blocks)."""
-        with self._cond:
-            new = self.tokens[self._polled :]
-            self._polled += len(new)
-            return new
-
-    def result(self, timeout: float | None = None) -> list[int]:
-        """All new token ids, once finished (blocks; drives the engine itself if no thread does)."""
-        if not self._wait(lambda: False, timeout):
-            raise TimeoutError(f"request not finished after {timeout} s ({len(self.tokens)} tokens so far)")
-        self._raise()
-        return list(self.tokens)
-
-    def cancel(self) -> None:
-        """Stop generating; the request's cache rows are freed when this returns (called from an
-        ``on_token`` callback: at the end of the current step)."""
-        self.engine._cancel(self)
-
-    def _raise(self):
-        if self.error is not None:
-            raise RuntimeError(f"generation failed: {self.error!r}") from self.error
-
-    def _wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._cond:
-                if ready() or self.done:
-                    return True
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                if self.engine.running:
-                    self._cond.wait(0.05 if left is None else min(left, 0.05))  # re-check: the thread may stop
-                    continue
-            self.engine.step()
-
-    def _emit(self, token: int) -> None:
-        with self._cond:
-            if self.first_token_time is None:
-                self.first_token_time = time.perf_counter()
-            self.tokens.append(token)
-            self._wake()
-        if self._on_token is not None:
-            _call(self._on_token, self, token)
-
-    def _wake(self) -> None:  # with self._cond held
-        self._cond.notify_all()
-        for loop, fut in self._futures:
-            loop.call_soon_threadsafe(_resolve, fut)
-        self._futures = []
-
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
-        with self._cond:
-            if self.finish_reason is not None:
-                return
-            self.finish_reason, self.error = reason, error
-            self.finished_time = time.perf_counter()
-            self._wake()
-        if self._on_finish is not None:
-            _call(self._on_finish, self)
-
-    def __repr__(self) -> str:
-        return (f"Request(prompt={len(self.prompt)} tokens, {len(self.tokens)} new, "
-                f"finish_reason={self.finish_reason!r})")
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _call(fn, *args):
-    try:
-        fn(*args)
-    except Exception:  # a failing callback must not stop the other requests
-        log.exception("request callback %r failed", fn)
 
 
 @dataclasses.dataclass(eq=False)
@@ -226,8 +68,6 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine: {name}={value!r} must be an int >= 1")
         self.model, self.max_batch, self.max_tokens = model, max_batch, max_tokens
-        params = inspect.signature(generation.next_token).parameters
-        self._history_arg, self._prompt_len_arg = "history" in params, "prompt_len" in params
         self._lock = threading.RLock()  # the batch below; held for a whole step
         self._owner: int | None = None  # thread running a step
         self._cv = threading.Condition()  # the queue and the background thread's wake-ups
@@ -454,20 +294,13 @@ class Engine:
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=dev)
             cache.select(index)
-            for name, t in list(cache.state.items()):  # batch-first (the token convolution's inputs)
-                cache.state[name] = t.index_select(0, index)
             mask = mask.index_select(0, index)
         return [rows[i] for i in keep], cache, mask
 
     def _pick(self, row: _Row, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The next token (a (1,) tensor) from one row of logits (1, V) with the request's own settings."""
-        cfg = row.request.config
-        if not self._history_arg:
-            return generation.next_token(logits, cfg, row.generator, first=first)
-        if self._prompt_len_arg:
-            return generation.next_token(logits, cfg, row.generator, first=first, history=row.history[:, : row.n],
-                                         prompt_len=len(row.request.prompt))
-        return generation.next_token(logits, cfg, row.generator, first=first, history=row.history[:, : row.n])
+        return generation.next_token(logits, row.request.config, row.generator, first=first,
+                                     history=row.history[:, : row.n], prompt_len=len(row.request.prompt))
 
     def _record(self, row: _Row, tok: int) -> bool:
         """Append a chosen token; returns True if the request is finished."""
@@ -534,8 +367,6 @@ class Engine:
             lead = int(mask[:, :L].any(0).long().argmax())  # first column some kept row uses
             self._cache.trim_left(lead)
             self._cache.select(index)
-            for name, t in list(self._cache.state.items()):  # batch-first (the token convolution's inputs)
-                self._cache.state[name] = t.index_select(0, index)
             self._mask = mask[:, lead:]
             self._pos, self._tok = self._pos.index_select(0, index), self._tok.index_select(0, index)
             self._rows = [self._rows[i] for i in keep]

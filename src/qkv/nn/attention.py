@@ -55,12 +55,14 @@ class KVCache:
         self.length += n
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep batch entries ``index`` (e.g. to drop finished sequences)."""
+        """Keep batch entries ``index`` (drop finished sequences, reorder beams): keys, values, the
+        cross-attention keys and values and the batch-first ``state`` tensors."""
         for store in (self.keys, self.values):
             for i, t in enumerate(store):
                 if t is not None:
                     store[i] = t.index_select(0, index)
         self.cross = {i: (k.index_select(0, index), v.index_select(0, index)) for i, (k, v) in self.cross.items()}
+        self.state = {name: t.index_select(0, index) for name, t in self.state.items()}
 
     @property
     def batch_size(self) -> int:

@@ -211,12 +211,15 @@ def _gemma3_rope(f: Fields) -> dict:
 
 
 def decoder(sd: Mapping[str, torch.Tensor], config: CausalLMConfig, *, fused: bool = False) -> dict[str, torch.Tensor]:
-    """Qwen 2 / 3, Mistral, Gemma 2 / 3, Phi-3 (``*ForCausalLM`` or the bare model) -> CausalLM. ``fused``:
-    Phi-3's qkv_proj and gate_up_proj, already in qkv's layout (q, k, v rows; gate then up)."""
+    """Llama, Qwen 2 / 3, Mistral, Gemma 2 / 3, Phi-3 (``*ForCausalLM`` or the bare model) -> CausalLM
+    (q, k, v and gate, up fused). ``fused``: Phi-3's qkv_proj and gate_up_proj, already in qkv's layout
+    (q, k, v rows; gate then up). Biases as the config says: q, k, v (``qkv_bias``), o (``bias``) and the
+    feed-forward's (``mlp_bias``, Llama's)."""
     km = KeyMap(sd, find_prefix(sd, "embed_tokens.weight", ("", "model.")))
     km.ignore(r".*rotary_emb\..*inv_freq")
     km.copy("tokens.weight", "embed_tokens.weight")
     qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+    mlp_bias = config.bias if config.mlp_bias is None else config.mlp_bias
     for i in range(config.n_layers):
         lk = km.within(f"layers.{i}.", f"stack.layers.{i}.")
         if fused:
@@ -225,8 +228,9 @@ def decoder(sd: Mapping[str, torch.Tensor], config: CausalLMConfig, *, fused: bo
             linear(lk, "ffn.up", "mlp.gate_up_proj", bias=False)
         else:
             attention(lk, "attn.", "self_attn.", _ATTN, bias=qkv_bias, out_bias=config.bias)
-            lk.cat("ffn.up.weight", ["mlp.gate_proj.weight", "mlp.up_proj.weight"])
-        linear(lk, "ffn.down", "mlp.down_proj", bias=False)
+            for w in ("weight", "bias") if mlp_bias else ("weight",):
+                lk.cat(f"ffn.up.{w}", [f"mlp.gate_proj.{w}", f"mlp.up_proj.{w}"])
+        linear(lk, "ffn.down", "mlp.down_proj", bias=mlp_bias)
         if config.qk_norm:
             linear(lk, "attn.q_norm", "self_attn.q_norm", bias=False)
             linear(lk, "attn.k_norm", "self_attn.k_norm", bias=False)

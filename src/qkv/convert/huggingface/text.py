@@ -25,6 +25,7 @@ from ._common import (
     build,
 )
 from ._fields import Fields, read_fields
+from .decoders import decoder
 from ._layers import attention, bart_stacks, encoder_layer, linear
 from .decoders import rope_fields
 
@@ -209,23 +210,9 @@ def gpt2(sd: Mapping[str, torch.Tensor], config: CausalLMConfig) -> dict[str, to
 
 
 def llama(sd: Mapping[str, torch.Tensor], config: CausalLMConfig) -> dict[str, torch.Tensor]:
-    """LlamaModel / LlamaForCausalLM -> CausalLM (q, k, v and gate, up fused). attention_bias gives
-    q, k, v, o biases; mlp_bias gate, up, down biases."""
-    km = KeyMap(sd, find_prefix(sd, "embed_tokens.weight", ("", "model.")))
-    km.ignore(r".*rotary_emb\.inv_freq")
-    km.copy("tokens.weight", "embed_tokens.weight")
-    mlp_bias = config.bias if config.mlp_bias is None else config.mlp_bias
-    for i in range(config.n_layers):
-        lk = km.within(f"layers.{i}.", f"stack.layers.{i}.")
-        attention(lk, "attn.", "self_attn.", ("q_proj", "k_proj", "v_proj", "o_proj"), bias=config.bias)
-        for w in ("weight", "bias") if mlp_bias else ("weight",):
-            lk.cat(f"ffn.up.{w}", [f"mlp.gate_proj.{w}", f"mlp.up_proj.{w}"])
-        linear(lk, "ffn.down", "mlp.down_proj", mlp_bias)
-        linear(lk, "attn_norm", "input_layernorm", bias=False)
-        linear(lk, "ffn_norm", "post_attention_layernorm", bias=False)
-    linear(km, "stack.norm", "norm", bias=False)
-    km.scope("").head("lm_head.weight", "lm_head.weight", tied_to="tokens.weight", tied=config.tie_embeddings)
-    return km.result()
+    """LlamaModel / LlamaForCausalLM -> CausalLM: the decoder layout shared with Qwen, Mistral, Gemma
+    (attention_bias gives q, k, v, o biases; mlp_bias gate, up, down biases)."""
+    return decoder(sd, config)
 
 
 def _t5_ffn(km: KeyMap, gated: bool) -> None:
