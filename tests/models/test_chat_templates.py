@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
-jinja2 = pytest.importorskip("jinja2")
+transformers = pytest.importorskip("transformers", reason="the oracle is transformers: pip install -e '.[test]'")
+jinja2 = pytest.importorskip("jinja2", reason="chat templates need jinja2 >= 3.1.6 (a qkv dependency)")
 
 from qkv.models.chat import ChatTemplate
 from qkv.pretrained import Tokenizer
@@ -420,7 +420,7 @@ def test_batch_of_conversations_matches_transformers():
 
 
 def test_pydantic_messages():
-    pydantic = pytest.importorskip("pydantic")
+    pydantic = pytest.importorskip("pydantic", reason="installed with the test extras (openai, transformers)")
 
     class Msg(pydantic.BaseModel):
         role: str
