@@ -26,6 +26,7 @@ class Explanation:
     frame_seconds: float = 0.0  # audio: seconds per encoder position
     notes: list[str] = field(default_factory=list)
     texts: list[str] | None = None  # text: what each token stands for (decoded); None: the tokens themselves
+    output: object = None  # keep_output=True: (the model's output of the captured pass, its attention mask)
 
     @property
     def length(self) -> int:
@@ -150,8 +151,12 @@ def _fallback_ids(text: str, vocab_size: int) -> tuple[list[int], list[str]]:
 
 
 def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-                 full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "") -> Explanation:
-    """Attention of a text model (TextEncoder, CausalLM, or a Seq2Seq encoder) over ``text``."""
+                 full: bool | None = None, topk: int = DEFAULT_TOPK, name: str = "",
+                 keep_output: bool = False) -> Explanation:
+    """Attention of a text model (TextEncoder, CausalLM, or a Seq2Seq encoder) over ``text``.
+
+    ``keep_output``: keep the pass's output and mask in ``.output`` (a server embeds and explains a
+    text in one forward pass)."""
     if not callable(getattr(model, "text_pass", None)):
         raise ValueError(f"explain_text reads text models (TextEncoder, CausalLM, Seq2Seq); this is a "
                          f"{type(model).__name__}: use explain_image or explain_audio (--image / --audio)")
@@ -171,8 +176,10 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
     if not tokens:
         raise ValueError("the text has no tokens to explain")
     with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
-        model.text_pass(ids, mask)
+        out = model.text_pass(ids, mask)
     result = _finish("text", tokens, cap, model, name, texts=texts)
+    if keep_output:
+        result.output = (out, mask)
     result.notes += notes
     return result
 

@@ -74,6 +74,7 @@ class Engine:
         self._pending: collections.deque[Request] = collections.deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.on_step: Callable[[int], None] | None = None  # called with the rows of each decoding step
         self._reset()
 
     def _reset(self) -> None:
@@ -173,6 +174,8 @@ class Engine:
                     self._admit()
                     if self._rows:
                         self._decode()
+                        if self.on_step is not None:
+                            self.on_step(len(self._rows))
                     self._drop_finished()
             except BaseException as e:
                 self._fail(e)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import hmac
 import json
 import logging
@@ -23,41 +25,93 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..explain import explain_text
+from . import attention, media, page
 from . import openai_shapes as shapes
+from .attention import attention_dict
+from .batching import Batcher
 from .errors import APIError, bad_field
 from .generate import Generator, Job
+from .metrics import Metrics, Middleware
 
 log = logging.getLogger(__name__)
 
 
 class _Encoder:
-    """A sentence encoder: one ``embed`` call at a time per model (torch ops use the cores already)."""
+    """A sentence encoder: concurrent requests are batched (`Batcher`, by token budget); requests for
+    attention run one text at a time under the same lock, each in one forward pass that gives both."""
 
-    def __init__(self, name: str, model):
+    def __init__(self, name: str, model, *, max_pending: int, budget: int, metrics: Metrics | None = None):
         self.name, self.model = name, model
         self.lock = threading.Lock()
         sizes = [getattr(model.config, k, None) for k in ("max_positions", "max_length")]  # embed truncates
         self.context = min((n for n in sizes if n), default=None)  # at max_length: refuse instead
+        try:  # counting tokens must not wait for a running batch (the tokenizer toggles truncation)
+            self.counter = copy.deepcopy(model.tokenizer)
+        except Exception:  # noqa: BLE001 -- an uncopyable tokenizer: count under the model's lock
+            self.counter = None
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        with self.lock:
-            return self.model.embed(texts).float().cpu().numpy()
+        def observe(items, tokens, seconds):
+            if metrics is not None:
+                metrics.batch.labels(name).observe(items)
+
+        self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock,
+                               on_batch=observe, name=name)
+
+    def _embed(self, texts: list[str]):
+        return list(self.model.embed(texts).float().cpu().numpy())
+
+    async def embed(self, texts: list[str], counts: list[int]) -> np.ndarray:
+        return np.stack(await self.batcher.submit(texts, counts))
 
     def count(self, texts: list[str]) -> list[int]:
-        with self.lock:  # the tokenizer toggles truncation while encoding batches
-            return [len(e) for e in (self.model.tokenizer.encode(t) for t in texts)]
+        if self.counter is not None:
+            return [len(self.counter.encode(t)) for t in texts]
+        with self.lock:
+            return [len(self.model.tokenizer.encode(t)) for t in texts]
+
+    def explain(self, texts: list[str], spec: dict) -> tuple[np.ndarray, list[dict]]:
+        """Embeddings and the attention of each text, from one forward pass per text."""
+        vectors, maps = [], []
+        with self.lock:
+            for t in texts:
+                ex = explain_text(self.model, t, keep_output=True, **spec)
+                out, mask = ex.output
+                vectors.append(self.model.pool(out.last_hidden_state, mask)[0].float().cpu().numpy())
+                maps.append(attention_dict(ex))
+        return np.stack(vectors), maps
 
 
-def _kind(name: str, model, max_queue: int, max_batch: int):
+@dataclasses.dataclass
+class Context:
+    """What route handlers outside this module (media, page) get: the served models, the limits, the
+    metrics, and the request helpers (`pick` a model by the body's ``model`` field, read a JSON `body`)."""
+
+    served: dict
+    metrics: Metrics
+    max_body_bytes: int
+    max_input_tokens: int
+    max_queue: int
+    pick: object = None  # (body, want: type | tuple, route) -> (name, served)
+
+    async def body(self, request: Request) -> dict:
+        return await _body(request, self.max_body_bytes)
+
+
+def _kind(name: str, model, ctx: Context, max_batch: int, budget: int):
     if getattr(model, "continues_prompt", False):
         if getattr(model, "tokenizer", None) is None:
             raise ValueError(f"model {name!r} has no tokenizer: the server reads and writes text; put its "
                              "tokenizer.json in the folder (or set model.tokenizer)")
-        return Generator(name, model, max_queue=max_queue, max_batch=max_batch)
+        return Generator(name, model, max_queue=ctx.max_queue, max_batch=max_batch)
+    served = media.served(name, model, ctx)
+    if served is not None:
+        return served
     if hasattr(model, "embed") and getattr(model, "tokenizer", None) is not None:
-        return _Encoder(name, model)
+        return _Encoder(name, model, max_pending=max(ctx.max_queue, 1) * 64, budget=budget, metrics=ctx.metrics)
     raise ValueError(f"model {name!r} is a {type(model).__name__}: this server serves sentence encoders "
-                     "(embeddings) and causal language models (completions, chat)")
+                     "(embeddings), causal language models (completions, chat), classifiers and speech "
+                     "recognizers")
 
 
 async def _body(request: Request, limit: int) -> dict:
@@ -105,25 +159,38 @@ class _Auth:
 
 def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
                max_body_bytes: int = 4 * 2**20, max_input_tokens: int = 8192, max_tokens_limit: int = 4096,
-               max_batch: int = 16) -> Starlette:
+               max_batch: int = 16, batch_tokens: int = 16384) -> Starlette:
     """An OpenAI-compatible ASGI app over ``{name: model}`` (see the module docstring for the routes).
 
-    ``max_queue``: generation requests that may wait per model beyond the running batch (429 past it);
-    ``max_body_bytes``: largest request body (413); ``max_input_tokens``: longest input (400);
-    ``max_tokens_limit``: largest ``max_tokens`` (400); ``max_batch``: rows each engine decodes together.
-    ``app.state.served`` maps each name to its `Generator` (``.engine``) or encoder.
+    ``max_queue``: generation requests that may wait per model beyond the running batch (429 past it;
+    encoders queue 64x as many inputs, 503 past that); ``max_body_bytes``: largest request body (413);
+    ``max_input_tokens``: longest input (400); ``max_tokens_limit``: largest ``max_tokens`` (400);
+    ``max_batch``: rows each engine decodes together; ``batch_tokens``: tokens per encoder batch.
+    ``app.state.served`` maps each name to its `Generator` (``.engine``) or encoder; ``app.state.metrics``
+    is the `Metrics`.
     """
     if not models:
         raise ValueError("create_app: give at least one model, as {name: model}")
     for name, value in (("max_queue", max_queue), ("max_body_bytes", max_body_bytes),
                         ("max_input_tokens", max_input_tokens), ("max_tokens_limit", max_tokens_limit),
-                        ("max_batch", max_batch)):
+                        ("max_batch", max_batch), ("batch_tokens", batch_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
             raise ValueError(f"create_app: {name}={value!r} must be a positive int")
-    served = {name: _kind(name, m, max_queue, max_batch) for name, m in models.items()}
+    metrics = Metrics()
+    served: dict = {}
+    ctx = Context(served, metrics, max_body_bytes, max_input_tokens, max_queue)
+    for name, m in models.items():
+        served[name] = _kind(name, m, ctx, max_batch, batch_tokens)
     generators = [s for s in served.values() if isinstance(s, Generator)]
+    for name, s in served.items():
+        if isinstance(s, Generator):
+            eng = s.engine
+            metrics.watch(name, lambda e=eng: e.pending, lambda e=eng: e.batch_size)
+            eng.on_step = lambda rows, name=name: metrics.batch.labels(name).observe(rows)
+        elif hasattr(s, "batcher"):
+            metrics.watch(name, lambda b=s.batcher: b.pending)
 
-    def pick(body: dict, want: type, route: str):
+    def pick(body: dict, want, route: str):
         name = body.get("model")
         if name is None and len(served) == 1:
             name = next(iter(served))
@@ -136,6 +203,8 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
         if not isinstance(s, want):
             raise bad_field("model", f"{name} is a {type(s.model).__name__}, which {route} does not serve")
         return name, s
+
+    ctx.pick = pick
 
     async def health(request):
         return JSONResponse({"status": "ok"})
@@ -159,14 +228,23 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
         dims = shapes.integer(body, "dimensions", 1, 1 << 20)
         if dims is not None and dims != enc.model.config.dim:
             raise bad_field("dimensions", f"{name} gives {enc.model.config.dim}-dimensional embeddings only")
+        c = enc.model.config
+        want = attention.spec(body, c.n_layers, c.n_heads)
         counts = await asyncio.to_thread(enc.count, texts)
         limit = min(max_input_tokens, enc.context or max_input_tokens)
         for i, n in enumerate(counts):
             if n > limit:
                 raise APIError(400, f"input[{i}]: {n} tokens is more than {name} accepts ({limit}); shorten it",
                                param="input", code="context_length_exceeded")
-        vectors = await asyncio.to_thread(enc.embed, texts)
-        return JSONResponse(shapes.embedding_list(name, vectors, fmt, sum(counts)))
+        metrics.tokens.labels(name, "input").inc(sum(counts))
+        if want is None:
+            vectors, maps = await enc.embed(texts, counts), None
+        else:
+            vectors, maps = await asyncio.to_thread(enc.explain, texts, want)
+        out = shapes.embedding_list(name, vectors, fmt, sum(counts))
+        for item, m in zip(out["data"], maps or ()):
+            item["qkv"] = {"attention": m}
+        return JSONResponse(out)
 
     async def completions(request):
         return await _generate(request, chat=False)
@@ -218,6 +296,9 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
     async def api_error(request, exc: APIError):
         return exc.response()
 
+    async def metrics_text(request):
+        return metrics.render()
+
     async def http_error(request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         msg = f"{request.method} {request.url.path}: {exc.detail}"
@@ -241,11 +322,14 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
               Route("/v1/models/{name:path}", get_model),
               Route("/v1/embeddings", embeddings, methods=["POST"]),
               Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/metrics", metrics_text)]
+    routes += media.routes(ctx) + page.routes(ctx)
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
-    app.state.served = served
+    app.state.served, app.state.metrics = served, metrics
     app.add_middleware(_Auth, api_key=api_key)
+    app.add_middleware(Middleware, metrics=metrics, routes=routes)  # outermost: counts refused requests too
     return app
 
 

@@ -1,0 +1,75 @@
+"""``GET /metrics``: Prometheus text (``prometheus_client``, one registry per app).
+
+What is counted: requests by route and status, their latency, time to first token for streams,
+the queue depth and running rows of each model, the sizes of the batches it ran, and the tokens
+it read and wrote. Routes are labelled by their template (never by the raw path, so a scan of
+random URLs cannot grow the label set).
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+from starlette.routing import Match
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("qkv_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.latency = Histogram("qkv_request_seconds", "Time from request to the end of the response",
+                                 ["route"], buckets=_LATENCY, registry=r)
+        self.first_token = Histogram("qkv_time_to_first_token_seconds", "Streams: time to the first text",
+                                     ["model"], buckets=_LATENCY, registry=r)
+        self.queue = Gauge("qkv_queue_depth", "Requests (generation) or inputs (encoders) waiting", ["model"],
+                           registry=r)
+        self.running = Gauge("qkv_running", "Rows decoding in the running batch", ["model"], registry=r)
+        self.batch = Histogram("qkv_batch_size", "Inputs per encoder call, rows per decoding step", ["model"],
+                               buckets=_SIZES, registry=r)
+        self.tokens = Counter("qkv_tokens", "Tokens read (input) and generated (output)", ["model", "kind"],
+                              registry=r)
+
+    def watch(self, name: str, pending, running=None) -> None:
+        """Report a model's queue depth (and running rows) from callables read at every scrape."""
+        self.queue.labels(name).set_function(pending)
+        if running is not None:
+            self.running.labels(name).set_function(running)
+
+    def render(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class Middleware:
+    """Pure ASGI: counts each HTTP request by route template and status, and times it to the last byte."""
+
+    def __init__(self, app, metrics: Metrics, routes):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def _route(self, scope) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return route.path
+        return "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route, start, status = self._route(scope), time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
