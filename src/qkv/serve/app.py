@@ -58,6 +58,8 @@ class _Encoder:
         self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock,
                                on_batch=observe, name=name)
 
+    tasks = ("embeddings",)
+
     def _embed(self, texts: list[str]):
         return list(self.model.embed(texts).float().cpu().numpy())
 
@@ -217,7 +219,7 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
         if name not in served:
             raise APIError(404, f"the model {name!r} does not exist here; served: {sorted(served)}",
                            param="model", code="model_not_found")
-        return JSONResponse(shapes.model_card(name))
+        return JSONResponse(shapes.model_card(name, served[name]))
 
     async def embeddings(request):
         body = await _body(request, max_body_bytes)

@@ -46,6 +46,10 @@ class Generator:
     def chats(self) -> bool:
         return getattr(self.tokenizer, "chat_template", None) is not None
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("completions", "chat") if self.chats else ("completions",)
+
     def start(self) -> None:
         self.engine.start()
 

@@ -160,13 +160,16 @@ def now() -> int:
     return int(time.time())
 
 
-def model_list(names) -> dict:
+def model_list(served: dict) -> dict:
     created = now()
-    return {"object": "list", "data": [model_card(n, created) for n in names]}
+    return {"object": "list", "data": [model_card(n, s, created) for n, s in served.items()]}
 
 
-def model_card(name: str, created: int | None = None) -> dict:
-    return {"id": name, "object": "model", "created": created or now(), "owned_by": "qkv"}
+def model_card(name: str, served, created: int | None = None) -> dict:
+    """OpenAI's model object, plus ``"qkv": {"tasks": [...], "type": ...}``: which routes the model serves
+    ("embeddings", "completions", "chat", "classify", "transcriptions") and its qkv class."""
+    return {"id": name, "object": "model", "created": created or now(), "owned_by": "qkv",
+            "qkv": {"tasks": list(served.tasks), "type": type(served.model).__name__}}
 
 
 def embedding_list(model: str, vectors: np.ndarray, fmt: str, prompt_tokens: int) -> dict:
