@@ -15,11 +15,17 @@ This is the iteration-level scheduling of Orca (Yu et al., OSDI 2022).
 
 Each request has its own `GenerationConfig` and, when sampling with a seed, its
 own ``torch.Generator``, so its tokens do not depend on the company it keeps.
+
+A request submitted with ``attention={...}`` records the exact attention of each of its
+positions as the batch computes it (`qkv.explain.live`): the prompt's rows at prefill, one
+row per step after, and, once it has finished, one more step that feeds its last token for
+the last row. Requests that do not ask cost nothing more.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -45,6 +51,7 @@ class _Row:
     n: int  # tokens in history so far
     stops: frozenset
     text: object = None  # a qkv.models.streaming.TextStream when the request has stop strings
+    ending: str | None = None  # finished, but its last token is fed once more for its attention row
 
     @property
     def remaining(self) -> int:
@@ -87,12 +94,16 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int] | torch.Tensor | str, *, config: GenerationConfig | None = None,
                on_token: Callable[[Request, int], None] | None = None,
-               on_finish: Callable[[Request], None] | None = None, **options) -> Request:
+               on_finish: Callable[[Request], None] | None = None, attention: dict | None = None,
+               **options) -> Request:
         """Queue a prompt (token ids, or text with the model's tokenizer); it joins the batch at the next step.
 
         ``options`` are `GenerationConfig` fields (max_new_tokens, do_sample, temperature,
         top_k, top_p, seed, eos_token_id, ...), applied over ``config``; the stop tokens
-        default to the model config's ``eos_token_id`` (``eos_token_id=[]``: none). Thread-safe.
+        default to the model config's ``eos_token_id`` (``eos_token_id=[]``: none).
+        ``attention``: record the request's attention in ``request.attention`` (a
+        `qkv.explain.live.RowRecorder`; keys ``layers``, ``heads``, ``topk``, ``full`` as
+        `qkv.explain.capture`). Thread-safe.
         """
         ids = self._ids(prompt_ids)
         if config is not None:
@@ -113,6 +124,10 @@ class Engine:
             raise ValueError(f"submit: prompt ({len(ids)}) + max_new_tokens ({cfg.max_new_tokens}) = {need} "
                              f"exceeds the model's {c.max_positions} learned positions; shorten either")
         req = Request(self, ids, cfg, on_token, on_finish)
+        if attention is not None:
+            from ..explain.live import RowRecorder
+
+            req.attention = RowRecorder(c.n_layers, c.n_heads, **attention)
         with self._cv:
             self._pending.append(req)
             self._cv.notify_all()
@@ -285,7 +300,10 @@ class Engine:
             rows.append(row)
         cache = KVCache(self.model.config.n_layers, capacity=T)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each prompt counts from 0 past its padding
-        logits = self.model(ids, mask, positions, cache=cache, last_only=True).logits[:, -1]
+        watch = [(i, r.request.attention, n - T, T - n) for i, r in enumerate(rows)
+                 if r.request.attention is not None for n in [len(r.request.prompt)]]
+        with self._observing(watch):
+            logits = self.model(ids, mask, positions, cache=cache, last_only=True).logits[:, -1]
         keep = []
         for i, row in enumerate(rows):
             if self._record(row, int(self._pick(row, logits[i : i + 1], first=True))):
@@ -299,6 +317,14 @@ class Engine:
             cache.select(index)
             mask = mask.index_select(0, index)
         return [rows[i] for i in keep], cache, mask
+
+    def _observing(self, rows):
+        """Record the attention of ``rows`` (batch index, recorder, query shift, key shift) during a call."""
+        if not rows:
+            return contextlib.nullcontext()
+        from ..explain.live import observe_rows
+
+        return observe_rows(self.model, rows)
 
     def _pick(self, row: _Row, logits: torch.Tensor, first: bool) -> torch.Tensor:
         """The next token (a (1,) tensor) from one row of logits (1, V) with the request's own settings."""
@@ -314,10 +340,16 @@ class Engine:
         req._emit(tok)
         if row.text is not None:
             row.text.push(tok)
+        reason = None
         if tok in row.stops or (row.text is not None and row.text.stopped):
-            req._finish("stop")
+            reason = "stop"
         elif len(req.tokens) >= req.config.max_new_tokens:
-            req._finish("length")
+            reason = "length"
+        if reason is not None:
+            if req.attention is not None and not req._cancel:
+                row.ending = reason  # one more step feeds this token: its attention row, then finish
+            else:
+                req._finish(reason)
         return req.done or req._cancel
 
     def _merge(self, new_rows: list[_Row], new_cache: KVCache, new_mask: torch.Tensor) -> None:
@@ -347,12 +379,19 @@ class Engine:
         if L >= self._mask.shape[1]:  # more columns than merge reserved (a row outlived its estimate)
             self._mask = torch.cat([self._mask, torch.zeros_like(self._mask)], dim=1)
         self._mask[:, L] = 1
-        logits = self.model(self._tok, self._mask[:, : L + 1], self._pos, cache=cache, last_only=True).logits[:, -1]
+        positions = self._pos[:, 0].tolist()
+        watch = [(i, r.request.attention, p, L - p) for i, (r, p) in enumerate(zip(self._rows, positions))
+                 if r.request.attention is not None]
+        with self._observing(watch):
+            logits = self.model(self._tok, self._mask[:, : L + 1], self._pos, cache=cache, last_only=True).logits[:, -1]
         picked = torch.cat([self._pick(row, logits[i : i + 1], first=False) for i, row in enumerate(self._rows)])
         self._pos += 1
         self._tok[:, 0] = picked
         for row, tok in zip(self._rows, picked.tolist()):
-            self._record(row, tok)
+            if row.ending is not None:  # its last token was just fed for its attention row: done now
+                row.request._finish(row.ending)
+            else:
+                self._record(row, tok)
 
     def _drop_finished(self) -> None:
         """Remove finished and cancelled rows (freeing their cache rows) and all-padding leading columns."""

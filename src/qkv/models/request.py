@@ -45,6 +45,7 @@ class Request:
         self._cond = threading.Condition()
         self._polled = 0
         self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []  # async iterators waiting
+        self.attention = None  # a qkv.explain.live.RowRecorder when submitted with attention=...
         self._cancel = False
         self._released = threading.Event()  # set once the request holds no cache rows and is not queued
 

@@ -258,11 +258,13 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
         body = await _body(request, max_body_bytes)
         name, gen = pick(body, Generator, "/v1/chat/completions" if chat else "/v1/completions")
         prompts, n, max_new_tokens = await _prompts(body, gen, chat)
+        c = gen.model.config
+        want = attention.spec(body, c.n_layers, c.n_heads)
         stream = shapes.flag(body, "stream")
         options = body.get("stream_options")
         include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
         gen.start()  # no-op when the lifespan started it
-        job = Job(name, gen, gen.submit(prompts, n, max_new_tokens), chat,
+        job = Job(name, gen, gen.submit(prompts, n, max_new_tokens, attention=want), chat,
                   prompt_tokens=sum(len(p.ids) for p in prompts) * n, include_usage=include_usage)
         if stream:
             return StreamingResponse(job.events(), media_type="text/event-stream",

@@ -62,10 +62,20 @@ def spec(body: dict, n_layers: int, n_heads: int) -> dict | None:
     return out
 
 
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """What each token stands for, as JSON can carry it: a byte that is not UTF-8 on its own (kept by
+    ``token_texts`` as a surrogate escape) becomes U+FFFD."""
+    return [_valid(t) for t in tokenizer.token_texts(ids)]
+
+
+def _valid(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def attention_dict(ex) -> dict:
     """An `qkv.explain.Explanation` as the response's attention object (``qkv explain --json``'s fields)."""
     d = ex.to_dict(include_rollout=False)
-    out = {"tokens": d["tokens"], "texts": [ex.text(i) for i in range(ex.length)], "n_heads": d["n_heads"],
+    out = {"tokens": d["tokens"], "texts": [_valid(ex.text(i)) for i in range(ex.length)], "n_heads": d["n_heads"],
            "layers": d["layers"]}
     if ex.notes:
         out["notes"] = ex.notes

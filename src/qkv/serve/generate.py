@@ -21,6 +21,7 @@ from ..models.engine import Engine
 from ..models.generation import prepare
 from ..models.streaming import TextStream
 from . import openai_shapes as shapes
+from .attention import token_texts
 from .errors import APIError, bad_field
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Generator:
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def submit(self, prompts: list[Prompt], n: int, max_new_tokens: int) -> list:
+    def submit(self, prompts: list[Prompt], n: int, max_new_tokens: int, attention: dict | None = None) -> list:
         """Queue ``n`` choices per prompt. Past the rows the running batch has free, at most ``max_queue``
         requests may wait: beyond that, 429 with Retry-After (400 for a request that can never fit)."""
         count, engine = len(prompts) * n, self.engine
@@ -117,7 +118,7 @@ class Generator:
                     opts = dict(p.options, max_new_tokens=max_new_tokens)
                     if opts.get("seed") is not None and opts.get("do_sample"):
                         opts["seed"] = (opts["seed"] + i) % 2**63  # n seeded samples that differ
-                    reqs.append(self.engine.submit(p.ids, **opts))
+                    reqs.append(self.engine.submit(p.ids, attention=attention, **opts))
         except ValueError as e:  # a field the config checks refuse (the checks above catch most)
             cancel(reqs)
             raise APIError(400, str(e), code="invalid_value") from None
@@ -126,19 +127,46 @@ class Generator:
             raise
         return reqs
 
+    def rows(self, req) -> list[dict]:
+        """The attention rows the engine recorded for ``req`` since the last call (streams)."""
+        rec = req.attention
+        if rec is None:
+            return []
+        ids = req.prompt + req.tokens
+        out = []
+        for pos, layers in rec.take():
+            tok = self.tokenizer.tok.id_to_token(ids[pos]) or ""
+            out.append({"position": pos, "token": tok, "text": token_texts(self.tokenizer, [ids[pos]])[0],
+                        "layers": rec.row_layers(pos, layers)})
+        return out
+
+    def attention(self, req) -> dict:
+        """The whole sequence's attention (prompt and generated tokens), as ``qkv explain --json`` lays it out."""
+        ids = (req.prompt + req.tokens)[: req.attention.length]
+        return {"tokens": [self.tokenizer.tok.id_to_token(i) or "" for i in ids],
+                "texts": token_texts(self.tokenizer, ids), "n_heads": self.model.config.n_heads,
+                "prompt_tokens": len(req.prompt), "layers": req.attention.layer_entries()}
+
     async def pieces(self, reqs: list):
         """Yields ``(index, text, finish_reason)``: text pieces as they become final (finish_reason None),
-        then one last item per choice with the rest of its text and why it ended. Cancels every unfinished
-        request when the consumer stops early (a client that went away)."""
+        then one last item per choice with the rest of its text and why it ended; for requests recording
+        attention, also ``(index, rows, "attention")`` as rows arrive. Cancels every unfinished request
+        when the consumer stops early (a client that went away)."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def follow(index, req):
             stream = TextStream(self.tokenizer, req.config.stop, stop_token_ids=req.config.stop_ids)
             try:
                 async for tok in req:
+                    rows = self.rows(req)
+                    if rows:
+                        queue.put_nowait((index, rows, "attention"))
                     piece = stream.push(tok)
                     if piece:
                         queue.put_nowait((index, piece, None))
+                rows = self.rows(req)
+                if rows:
+                    queue.put_nowait((index, rows, "attention"))
                 queue.put_nowait((index, stream.flush(), req.finish_reason))
             except Exception as e:  # noqa: BLE001 -- the engine's failure reaches the client as a 500
                 queue.put_nowait((index, e, "error"))
@@ -150,7 +178,7 @@ class Generator:
                 index, piece, reason = await queue.get()
                 if reason == "error":
                     raise APIError(500, f"generation failed: {piece}", code="generation_failed")
-                if reason is not None:
+                if reason not in (None, "attention"):
                     left -= 1
                 yield index, piece, reason
         finally:
@@ -178,10 +206,16 @@ class Job:
         texts, reasons = [""] * len(self.reqs), [None] * len(self.reqs)
         async with contextlib.aclosing(self.gen.pieces(self.reqs)) as pieces:  # closing it cancels the rest
             async for index, piece, reason in pieces:
+                if reason == "attention":
+                    continue
                 texts[index] += piece
                 reasons[index] = reason or reasons[index]
-        return shapes.completion(self.id, self.name, self.created, list(zip(texts, reasons)), self.prompt_tokens,
-                                 self.completion_tokens, self.chat)
+        out = shapes.completion(self.id, self.name, self.created, list(zip(texts, reasons)), self.prompt_tokens,
+                                self.completion_tokens, self.chat)
+        for choice, req in zip(out["choices"], self.reqs):
+            if req.attention is not None:
+                choice["qkv"] = {"attention": self.gen.attention(req)}
+        return out
 
     async def events(self):
         """``data: {chunk}`` events, ``data: [DONE]`` last. A client that goes away closes this generator,
@@ -198,6 +232,9 @@ class Job:
                     yield chunk(i, role=True)
             async with contextlib.aclosing(self.gen.pieces(self.reqs)) as pieces:
                 async for index, piece, reason in pieces:
+                    if reason == "attention":
+                        yield chunk(index, extra={"attention": {"rows": piece}})
+                        continue
                     if piece:
                         yield chunk(index, text=piece)
                     if reason is not None:

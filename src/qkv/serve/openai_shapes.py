@@ -205,8 +205,10 @@ def completion(rid: str, model: str, created: int, choices: list[tuple[str, str]
 
 
 def chunk(rid: str, model: str, created: int, index: int | None, chat: bool, *, text: str | None = None,
-          role: bool = False, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
-    """One server-sent event of a stream (``index=None``: the usage-only chunk, with no choices)."""
+          role: bool = False, finish_reason: str | None = None, usage_: dict | None = None,
+          extra: dict | None = None) -> dict:
+    """One server-sent event of a stream (``index=None``: the usage-only chunk, with no choices);
+    ``extra`` goes in the choice as its ``qkv`` field (attention rows)."""
     choices = []
     if index is not None:
         if chat:
@@ -214,6 +216,8 @@ def chunk(rid: str, model: str, created: int, index: int | None, chat: bool, *, 
             choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
         else:
             choices = [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
+        if extra is not None:
+            choices[0]["qkv"] = extra
     out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
            "model": model, "choices": choices}
     if usage_ is not None:
