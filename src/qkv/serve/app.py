@@ -56,7 +56,7 @@ class _Encoder:
                 metrics.batch.labels(name).observe(items)
 
         self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock,
-                               on_batch=observe, name=name)
+                               max_wait=0.0, on_batch=observe, name=name)  # batches form while one runs
 
     tasks = ("embeddings",)
 
@@ -105,7 +105,7 @@ def _kind(name: str, model, ctx: Context, max_batch: int, budget: int):
         if getattr(model, "tokenizer", None) is None:
             raise ValueError(f"model {name!r} has no tokenizer: the server reads and writes text; put its "
                              "tokenizer.json in the folder (or set model.tokenizer)")
-        return Generator(name, model, max_queue=ctx.max_queue, max_batch=max_batch)
+        return Generator(name, model, max_queue=ctx.max_queue, max_batch=max_batch, metrics=ctx.metrics)
     served = media.served(name, model, ctx)
     if served is not None:
         return served

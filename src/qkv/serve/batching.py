@@ -4,8 +4,9 @@ A `Batcher` owns one worker task per model. Requests queue their items; the work
 what is waiting, waiting up to ``max_wait`` seconds for more only while the batch is below
 its token ``budget``, and runs ``fn(items)`` once on a thread for all of them. While that
 call runs, new requests queue up, so under load every call is full and nobody waits for a
-timer (the batching of text-embeddings-inference and Triton's dynamic batcher). Beyond
-``max_pending`` queued items a request is refused with 503 and ``Retry-After``.
+timer (the batching of text-embeddings-inference and Triton's dynamic batcher). A request
+that would take the queue beyond ``max_pending`` items is refused with 503 and
+``Retry-After`` (into an empty queue any request goes).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Batcher:
         """Run ``items`` (with their token ``costs``) in the next batch; returns their results."""
         if not items:
             return []
-        if self._pending + len(items) > self.max_pending:
+        if self._pending and self._pending + len(items) > self.max_pending:  # alone, any size runs
             raise APIError(503, f"{self.name} is overloaded: {self._pending} inputs are waiting (at most "
                            f"{self.max_pending}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()

@@ -37,8 +37,8 @@ class Generator:
     """A causal model behind an engine: ``prompt`` / ``chat_prompt`` build the ids, `submit` queues the
     choices (refusing with 429 when more than ``max_queue`` requests wait), `pieces` streams their text."""
 
-    def __init__(self, name: str, model, *, max_queue: int, max_batch: int = 16):
-        self.name, self.model, self.max_queue = name, model, max_queue
+    def __init__(self, name: str, model, *, max_queue: int, max_batch: int = 16, metrics=None):
+        self.name, self.model, self.max_queue, self.metrics = name, model, max_queue, metrics
         self.tokenizer = model.tokenizer
         self.engine = Engine(model, max_batch=max_batch)
         self.context = getattr(model.config, "max_positions", None)
@@ -118,7 +118,7 @@ class Generator:
                     opts = dict(p.options, max_new_tokens=max_new_tokens)
                     if opts.get("seed") is not None and opts.get("do_sample"):
                         opts["seed"] = (opts["seed"] + i) % 2**63  # n seeded samples that differ
-                    reqs.append(self.engine.submit(p.ids, attention=attention, **opts))
+                    reqs.append(self.engine.submit(p.ids, attention=attention, on_finish=self._finished, **opts))
         except ValueError as e:  # a field the config checks refuse (the checks above catch most)
             cancel(reqs)
             raise APIError(400, str(e), code="invalid_value") from None
@@ -126,6 +126,16 @@ class Generator:
             cancel(reqs)
             raise
         return reqs
+
+    def _finished(self, req) -> None:
+        """Metrics of a finished request (called on the engine's thread)."""
+        m = self.metrics
+        if m is None:
+            return
+        m.tokens.labels(self.name, "input").inc(len(req.prompt))
+        m.tokens.labels(self.name, "output").inc(len(req.tokens))
+        if req.first_token_time is not None:
+            m.first_token.labels(self.name).observe(req.first_token_time - req.submitted)
 
     def rows(self, req) -> list[dict]:
         """The attention rows the engine recorded for ``req`` since the last call (streams)."""

@@ -25,7 +25,7 @@ class Metrics:
         self.requests = Counter("qkv_requests", "HTTP requests answered", ["route", "status"], registry=r)
         self.latency = Histogram("qkv_request_seconds", "Time from request to the end of the response",
                                  ["route"], buckets=_LATENCY, registry=r)
-        self.first_token = Histogram("qkv_time_to_first_token_seconds", "Streams: time to the first text",
+        self.first_token = Histogram("qkv_time_to_first_token_seconds", "Generation: submission to first token",
                                      ["model"], buckets=_LATENCY, registry=r)
         self.queue = Gauge("qkv_queue_depth", "Requests (generation) or inputs (encoders) waiting", ["model"],
                            registry=r)
