@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
     sv = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                         description="Serve models over HTTP with OpenAI's API: /v1/embeddings for sentence "
                                     "encoders, /v1/completions and /v1/chat/completions (streaming too) for causal "
-                                    "language models, /v1/models and /health.")
+                                    "language models, /v1/classify for classifiers, /v1/audio/transcriptions for "
+                                    "speech recognizers, /v1/models, /health, /metrics (Prometheus) and a web page "
+                                    "at /. Add \"qkv\": {\"attention\": {...}} to a request for its attention.")
     sv.add_argument("--model", action="append", required=True, metavar="NAME_OR_PATH",
                     help="registered name or model folder, or NAME=PATH to choose the served name (repeat to serve "
                          "several)")
@@ -31,6 +33,8 @@ def add_parser(sub) -> None:
     sv.add_argument("--max-queue", type=integer(0, 1_000_000), default=64,
                     help="generation requests that may wait per model beyond the running batch (429 past it)")
     sv.add_argument("--max-batch", type=integer(1, 4096), default=16, help="requests each model decodes together")
+    sv.add_argument("--batch-tokens", type=integer(1, 10_000_000), default=16384,
+                    help="tokens an encoder or classifier batch may hold (concurrent requests share a call)")
     sv.add_argument("--max-body-bytes", type=integer(1, 2**40), default=4 * 2**20, help="largest request body")
     sv.add_argument("--max-input-tokens", type=integer(1, 10_000_000), default=8192, help="longest input")
     sv.add_argument("--max-tokens", type=integer(1, 10_000_000), default=4096, help="largest max_tokens accepted")
@@ -66,7 +70,8 @@ def run(args) -> int:
         models[name] = qkv.load(path)
     app = create_app(models, api_key=args.api_key or os.environ.get("QKV_API_KEY") or None,
                      max_queue=args.max_queue, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
-                     max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens)
+                     max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens,
+                     batch_tokens=args.batch_tokens)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=30, lifespan="on")
     print(f"serving {', '.join(models)} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)

@@ -94,6 +94,7 @@ class Context:
     max_body_bytes: int
     max_input_tokens: int
     max_queue: int
+    batch_tokens: int = 16384  # tokens per encoder / classifier batch
     pick: object = None  # (body, want: type | tuple, route) -> (name, served)
 
     async def body(self, request: Request) -> dict:
@@ -180,7 +181,7 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
             raise ValueError(f"create_app: {name}={value!r} must be a positive int")
     metrics = Metrics()
     served: dict = {}
-    ctx = Context(served, metrics, max_body_bytes, max_input_tokens, max_queue)
+    ctx = Context(served, metrics, max_body_bytes, max_input_tokens, max_queue, batch_tokens)
     for name, m in models.items():
         served[name] = _kind(name, m, ctx, max_batch, batch_tokens)
     generators = [s for s in served.values() if isinstance(s, Generator)]
