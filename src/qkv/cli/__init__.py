@@ -22,6 +22,13 @@ def _cmd_bench(args) -> int:
         result = suite.run(quick=args.quick, repeat=args.repeat, progress=progress)
         print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
         return 0
+    if args.what == "serve":  # the HTTP server in a child process; the one-at-a-time baseline needs the test extras
+        from . import bench_serve as suite
+
+        result = suite.run(quick=args.quick, repeat=args.repeat, soak_seconds=args.soak_seconds, only=args.only,
+                           progress=progress)
+        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
+        return 0
     if args.what in ("text", "media", "train"):
         try:
             import importlib
@@ -300,15 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention", "text", "media", "train", "generate"],
+    b.add_argument("what", choices=["attention", "text", "media", "train", "generate", "serve"],
                    help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding; "
                         "media: transcription and ViT; train: GPT-2-style training steps (these three against "
                         "the reference libraries); generate: continuous batching against requests run one "
-                        "after another, latency at 1/4/16 concurrent requests, turn-2 prefill with a KV cache")
+                        "after another, latency at 1/4/16 concurrent requests, turn-2 prefill with a KV cache; serve: the "
+                        "HTTP server (embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak)")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    b.add_argument("--soak-seconds", type=number(0, 86400), default=None,
+                   help="serve: length of the soak (default 120; --quick: 5)")
     b.add_argument("--markdown", action="store_true", help="print Markdown tables (for BENCHMARKS.md)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_cmd_bench)

@@ -142,14 +142,15 @@ async def _body(request: Request, limit: int) -> dict:
 
 
 class _Auth:
-    """Pure ASGI middleware: with an API key, every route but /health needs ``Authorization: Bearer KEY``
+    """Pure ASGI middleware: with an API key, every route but /health and the page files needs ``Authorization: Bearer KEY``
     (compared in constant time)."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.key = app, (api_key.encode() if api_key else None)
 
     async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] != "http" or scope["path"] == "/health":
+        if (self.key is None or scope["type"] != "http" or scope["path"] == "/health"
+                or scope["path"] in page.PUBLIC_PATHS):  # the page's own files hold no secret
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
