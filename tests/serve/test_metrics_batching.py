@@ -34,7 +34,8 @@ def test_metrics_count_requests_tokens_and_batches(serve, tiny_encoder):
     client = live.client()
     client.embeddings.create(model="enc", input=["hello there", "the sky"])
     client.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=0)
-    r = httpx.post(live.url + "/v1/embeddings", json={"model": "enc", "input": 3}, headers={"Authorization": "Bearer k"})
+    auth = {"Authorization": "Bearer k"}
+    r = httpx.post(live.url + "/v1/embeddings", json={"model": "enc", "input": 3}, headers=auth)
     assert r.status_code == 400
     assert httpx.get(live.url + "/metrics").status_code == 401  # the key guards /metrics too
     page = httpx.get(live.url + "/metrics", headers={"Authorization": "Bearer k"})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import dataclasses
 import hmac
 import json
@@ -29,7 +28,7 @@ from ..explain import explain_text
 from . import attention, media, page
 from . import openai_shapes as shapes
 from .attention import attention_dict
-from .batching import Batcher
+from .batching import Batcher, TokenCounter
 from .errors import APIError, bad_field
 from .generate import Generator, Job
 from .metrics import Metrics, Middleware
@@ -46,17 +45,9 @@ class _Encoder:
         self.lock = threading.Lock()
         sizes = [getattr(model.config, k, None) for k in ("max_positions", "max_length")]  # embed truncates
         self.context = min((n for n in sizes if n), default=None)  # at max_length: refuse instead
-        try:  # counting tokens must not wait for a running batch (the tokenizer toggles truncation)
-            self.counter = copy.deepcopy(model.tokenizer)
-        except Exception:  # noqa: BLE001 -- an uncopyable tokenizer: count under the model's lock
-            self.counter = None
-
-        def observe(items, tokens, seconds):
-            if metrics is not None:
-                metrics.batch.labels(name).observe(items)
-
-        self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock,
-                               max_wait=0.0, on_batch=observe, name=name)  # batches form while one runs
+        self.count = TokenCounter(model.tokenizer, self.lock)
+        self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock, max_wait=0.0,
+                               on_batch=metrics.batch_observer(name) if metrics else None, name=name)
 
     tasks = ("embeddings",)
 
@@ -65,12 +56,6 @@ class _Encoder:
 
     async def embed(self, texts: list[str], counts: list[int]) -> np.ndarray:
         return np.stack(await self.batcher.submit(texts, counts))
-
-    def count(self, texts: list[str]) -> list[int]:
-        if self.counter is not None:
-            return [len(self.counter.encode(t)) for t in texts]
-        with self.lock:
-            return [len(self.model.tokenizer.encode(t)) for t in texts]
 
     def explain(self, texts: list[str], spec: dict) -> tuple[np.ndarray, list[dict]]:
         """Embeddings and the attention of each text, from one forward pass per text."""
@@ -142,8 +127,8 @@ async def _body(request: Request, limit: int) -> dict:
 
 
 class _Auth:
-    """Pure ASGI middleware: with an API key, every route but /health and the page files needs ``Authorization: Bearer KEY``
-    (compared in constant time)."""
+    """Pure ASGI middleware: with an API key, every route but /health and the page's files needs
+    ``Authorization: Bearer KEY`` (compared in constant time)."""
 
     def __init__(self, app, api_key: str | None):
         self.app, self.key = app, (api_key.encode() if api_key else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import dataclasses
 import threading
 import time
@@ -136,3 +137,21 @@ class Batcher:
         if len(out) != len(items):
             raise RuntimeError(f"batched call returned {len(out)} results for {len(items)} inputs")
         return out
+
+
+class TokenCounter:
+    """Counts the tokens of texts without waiting for a running batch: on a copy of the tokenizer (the
+    model's own one toggles truncation while it encodes batches), or under ``lock`` if it cannot be copied."""
+
+    def __init__(self, tokenizer, lock: threading.Lock):
+        self.tokenizer, self.lock = tokenizer, lock
+        try:
+            self.copy = copy.deepcopy(tokenizer)
+        except Exception:  # noqa: BLE001 -- an uncopyable tokenizer: count under the model's lock
+            self.copy = None
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if self.copy is not None:
+            return [len(self.copy.encode(t)) for t in texts]
+        with self.lock:
+            return [len(self.tokenizer.encode(t)) for t in texts]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import copy
 import io
 import math
 
@@ -47,7 +46,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from . import openai_shapes as shapes
-from .batching import Batcher
+from .batching import Batcher, TokenCounter
 from .errors import APIError, bad_field
 
 MAX_MEDIA_INPUTS = 64  # images or clips per classify request (texts: shapes.MAX_INPUTS)
@@ -74,18 +73,13 @@ class Classifier:
         self.labels = c.labels or [str(i) for i in range(c.num_labels)]
         if kind == "text":
             self.context = min(ctx.max_input_tokens, c.max_length)  # classify truncates at max_length
-            try:  # counting tokens must not wait for a running batch (the tokenizer toggles truncation)
-                self.counter = copy.deepcopy(model.tokenizer)
-            except Exception:  # noqa: BLE001 -- an uncopyable tokenizer: count under the model's lock
-                self.counter = None
         else:
             self.tokens_each = math.prod(s // p for s, p in zip(c.size, c.patch)) + (c.pool == "cls")
-
-        def observe(items, tokens, seconds):
-            ctx.metrics.batch.labels(name).observe(items)
-
         self.batcher = Batcher(self._classify, budget=ctx.batch_tokens, max_items=256 if kind == "text" else 32,
-                               max_wait=0.0, max_pending=max(ctx.max_queue, 1) * 64, on_batch=observe, name=name)
+                               max_wait=0.0, max_pending=max(ctx.max_queue, 1) * 64,
+                               on_batch=ctx.metrics.batch_observer(name), name=name)
+        if kind == "text":
+            self.count = TokenCounter(model.tokenizer, self.batcher.lock)
 
     def _classify(self, items: list) -> list[dict]:
         """``model.classify`` with every label ranked in ``top``."""
@@ -94,19 +88,13 @@ class Classifier:
         return [{"label": r["label"], "score": r["score"],
                  "top": sorted(r["scores"].items(), key=lambda kv: -kv[1])} for r in self.model.classify(items)]
 
-    def _count(self, texts: list[str]) -> list[int]:
-        if self.counter is not None:
-            return [len(self.counter.encode(t)) for t in texts]
-        with self.batcher.lock:
-            return [len(self.model.tokenizer.encode(t)) for t in texts]
-
     def inputs(self, body: dict) -> tuple[list, list[int]]:
         """The request's inputs, decoded, and their token costs (runs on a worker thread)."""
         if self.kind == "text":
             texts = shapes.texts(body, "input")
             if len(texts) > shapes.MAX_INPUTS:
                 raise bad_field("input", f"holds {len(texts)} texts; send at most {shapes.MAX_INPUTS} per request")
-            counts = self._count(texts)
+            counts = self.count(texts)
             for i, n in enumerate(counts):
                 if n > self.context:
                     raise APIError(400, f"input[{i}]: {n} tokens is more than {self.name} accepts ({self.context}); "
@@ -134,12 +122,8 @@ class Transcriber:
 
     def __init__(self, name: str, model, ctx):
         self.name, self.model = name, model
-
-        def observe(items, tokens, seconds):
-            ctx.metrics.batch.labels(name).observe(items)
-
         self.batcher = Batcher(self._transcribe, max_items=1, max_wait=0.0, max_pending=max(ctx.max_queue, 1),
-                               on_batch=observe, name=name)
+                               on_batch=ctx.metrics.batch_observer(name), name=name)
 
     def _transcribe(self, items: list) -> list[str]:
         (wave, rate, options), = items

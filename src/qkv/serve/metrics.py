@@ -41,6 +41,10 @@ class Metrics:
         if running is not None:
             self.running.labels(name).set_function(running)
 
+    def batch_observer(self, name: str):
+        """A `Batcher` ``on_batch`` callback recording a model's batch sizes."""
+        return lambda items, tokens, seconds: self.batch.labels(name).observe(items)
+
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
