@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -72,7 +71,8 @@ def _tokenizer(vocab: int | None, template: str | None):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     if vocab and vocab > tok.get_vocab_size():
         tok.add_tokens([f"<unused{i}>" for i in range(vocab - tok.get_vocab_size())])
-    chat = ChatTemplate(template, special_tokens={"pad_token": "<pad>", "eos_token": "<|im_end|>"}) if template else None
+    specials = {"pad_token": "<pad>", "eos_token": "<|im_end|>"}
+    chat = ChatTemplate(template, special_tokens=specials) if template else None
     return Tokenizer(tok, pad_token="<pad>", eos_token="<|im_end|>", chat_template=chat)
 
 
@@ -232,7 +232,8 @@ def bench_embeddings(enc_kind: str, quick: bool, repeat: int, say) -> list[dict]
         for url in (srv.url, ser.url):
             run(url, 8, 4)  # warm-up
         model.embed(texts, batch_size=32)
-        cases = [(k, c, "qkv") for k in (1, 8) for c in (1, 4, 16)] + [(k, c, "serial") for k in (1, 8) for c in (1, 16)]
+        cases = ([(k, c, "qkv") for k in (1, 8) for c in (1, 4, 16)]
+                 + [(k, c, "serial") for k in (1, 8) for c in (1, 16)])
         for r in range(repeat):
             say(f"embeddings round {r + 1}/{repeat}")
             order = cases + [("all", 0, "inproc")]
@@ -246,7 +247,8 @@ def bench_embeddings(enc_kind: str, quick: bool, repeat: int, say) -> list[dict]
                 rows.setdefault((k, c, impl), []).append(res)
     med = {key: {f: statistics.median(x[f] for x in v) for f in v[0]} for key, v in rows.items()}
     inproc = med[("all", 0, "inproc")]["per_s"]
-    out = [{"impl": "in-process model.embed (batch 32)", "per_request": "all", "clients": 0, **med[("all", 0, "inproc")]}]
+    out = [{"impl": "in-process model.embed (batch 32)", "per_request": "all", "clients": 0,
+            **med[("all", 0, "inproc")]}]
     for (k, c, impl), m in med.items():
         if impl == "inproc":
             continue
@@ -320,99 +322,6 @@ def bench_chat(lm_kind: str, quick: bool, repeat: int, say) -> list[dict]:
     return out
 
 
-# --- soak ---------------------------------------------------------------------------------------
-
-class _Soak:
-    """Mixed traffic; every request ends in a status (or "disconnected" when the client leaves on
-    purpose) or, if no response ever came, in ``lost``."""
-
-    def __init__(self, url: str, max_tokens: int, seed: int = 0):
-        self.url, self.max_tokens, self.rng = url, max_tokens, random.Random(seed)
-        self.status: Counter = Counter()
-        self.by_kind: Counter = Counter()
-        self.unintended: list[str] = []
-        self.lost: list[str] = []
-
-    def _record(self, kind: str, status):
-        self.status[status] += 1
-        self.by_kind[kind] += 1
-        if isinstance(status, int) and status >= 500 and not (status == 503 and kind in ("embed", "burst_embed")):
-            self.unintended.append(f"{kind}: {status}")
-
-    async def one(self, client, kind: str) -> None:
-        i = self.rng.randrange(10**6)
-        try:
-            if kind in ("embed", "burst_embed"):
-                r = await client.post("/v1/embeddings", json={"model": "enc", "input": sentences(self.rng.randint(1, 8), seed=i)})
-            elif kind in ("complete", "burst"):
-                r = await client.post("/v1/completions", json={"model": "lm", "prompt": sentences(1, seed=i)[0],
-                                                                "max_tokens": self.max_tokens // 2, "temperature": 0})
-            elif kind in ("chat", "leave"):
-                async with client.stream("POST", "/v1/chat/completions",
-                                         json={"model": "lm", **_chat_body(i, self.max_tokens)}) as r:
-                    async for line in r.aiter_lines():
-                        if kind == "leave" and line.startswith("data: "):
-                            return self._record(kind, "disconnected")  # closes the connection mid-stream
-            elif kind == "malformed":
-                r = await client.post("/v1/embeddings", content=b'{"input": ["unterminated', headers={"content-type": "application/json"})
-            elif kind == "oversized":
-                r = await client.post("/v1/embeddings", json={"model": "enc", "input": ["word " * 40000]})
-            else:  # bad field
-                r = await client.post("/v1/completions", json={"model": "lm", "prompt": "hi", "max_tokens": -3})
-            self._record(kind, r.status_code)
-        except Exception as e:  # noqa: BLE001 -- any failure to get a response is a lost request
-            self.lost.append(f"{kind}: {type(e).__name__}: {e}")
-
-    async def run(self, seconds: float, clients: int = 6) -> None:
-        import httpx
-
-        kinds = ["embed"] * 4 + ["complete"] * 2 + ["chat"] * 2 + ["leave", "malformed", "oversized", "bad"]
-        deadline = time.monotonic() + seconds
-        async with httpx.AsyncClient(base_url=self.url, timeout=120,
-                                     limits=httpx.Limits(max_connections=200)) as client:
-            async def worker():
-                while time.monotonic() < deadline:
-                    await self.one(client, self.rng.choice(kinds))
-
-            async def bursts():
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(min(max(seconds / 4, 1), 10))
-                    await asyncio.gather(*(self.one(client, k) for k in ["burst"] * 24 + ["burst_embed"] * 40))
-            await asyncio.gather(bursts(), *(worker() for _ in range(clients)))
-
-
-def _metrics_total(url: str) -> float:
-    import httpx
-
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("qkv_requests_total{") and 'route="/metrics"' not in line and 'route="/health"' not in line)
-
-
-def bench_soak(enc_kind: str, lm_kind: str, seconds: float, quick: bool, say) -> dict:
-    import httpx
-
-    max_tokens = 8 if quick else 16
-    opts = {"max_queue": 4, "max_body_bytes": 65536}
-    with Server({"models": {"enc": enc_kind, "lm": lm_kind}, "options": opts}) as srv:
-        say(f"soak warm-up ({max(3.0, seconds / 10):.0f} s)")
-        asyncio.run(_Soak(srv.url, max_tokens, seed=1).run(max(3.0, seconds / 10)))
-        rss0, count0 = srv.rss_mb(), _metrics_total(srv.url)
-        say(f"soak ({seconds:.0f} s)")
-        soak = _Soak(srv.url, max_tokens)
-        t0 = time.perf_counter()
-        asyncio.run(soak.run(seconds))
-        wall = time.perf_counter() - t0
-        time.sleep(0.5)  # let the server finish accounting for the last disconnects
-        rss1, count1 = srv.rss_mb(), _metrics_total(srv.url)
-        health = httpx.get(srv.url + "/health", timeout=10).status_code
-    sent = sum(soak.status.values()) + len(soak.lost)
-    return {"seconds": wall, "requests": sent, "status": {str(k): v for k, v in sorted(soak.status.items(), key=str)},
-            "kinds": dict(soak.by_kind), "unintended_5xx": len(soak.unintended), "lost": len(soak.lost),
-            "lost_examples": soak.lost[:5], "server_counted": count1 - count0, "rss_start_mb": rss0,
-            "rss_end_mb": rss1, "rss_growth_pct": 100 * (rss1 - rss0) / rss0, "health_at_end": health}
-
-
 # --- the suite ----------------------------------------------------------------------------------
 
 def run(quick: bool = False, repeat: int | None = None, soak_seconds: float | None = None, only: str | None = None,
@@ -434,6 +343,8 @@ def run(quick: bool = False, repeat: int | None = None, soak_seconds: float | No
     if only in (None, "chat"):
         out["chat"] = bench_chat(lm, quick, repeat, say)
     if only in (None, "soak"):
+        from .bench_soak import bench_soak
+
         out["soak"] = bench_soak(enc, lm, soak_seconds, quick, say)
     out["env"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "qkv": qkv.__version__,
                   "quick": quick, "repeat": repeat, "models": [enc, lm], "wall_s": time.perf_counter() - t0,
