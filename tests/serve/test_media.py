@@ -118,3 +118,65 @@ def test_image_classify_equals_model_classify(serve):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "image[0]"
     wrong = httpx.post(live.url + "/v1/classify", json={"model": "vit", "input": "text"})
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "input"
+
+
+def test_audio_classify_equals_model_classify(serve):
+    """An audio ViT (log-mel patches) over HTTP: base64 WAV and FLAC clips at other rates and channel
+    counts give what ``model.classify`` gives on the same decoded waveforms."""
+    soundfile = pytest.importorskip("soundfile", reason="needs soundfile: pip install -e '.[audio]'")
+    pytest.importorskip("scipy", reason="resampling needs scipy: pip install -e '.[audio]'")
+    import base64
+    import io
+
+    import numpy as np
+
+    from qkv.models import VisionTransformer, ViTConfig
+
+    torch.manual_seed(3)
+    kws = VisionTransformer(ViTConfig(image_size=[32, 48], patch_size=[8, 8], channels=1, dim=32, n_layers=2,
+                                      n_heads=2, ffn_dim=64, num_labels=3, labels=["yes", "no", "stop"],
+                                      input="audio")).init_weights().eval()
+    live = serve({"kws": kws})
+    rng = np.random.default_rng(4)
+    clips, payload = [], []
+    for rate, channels, fmt in ((16000, 1, "WAV"), (22050, 2, "FLAC"), (8000, 1, "WAV")):
+        t = np.arange(int(0.4 * rate)) / rate
+        tone = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 900) * t) + 0.01 * rng.standard_normal(t.size)
+        wave = np.stack([tone] * channels, axis=-1).astype(np.float32) if channels > 1 else tone.astype(np.float32)
+        buf = io.BytesIO()
+        soundfile.write(buf, wave, rate, format=fmt)
+        raw = buf.getvalue()
+        payload.append(base64.b64encode(raw).decode())
+        decoded, sr = soundfile.read(io.BytesIO(raw), dtype="float32")
+        clips.append((decoded.mean(-1) if decoded.ndim == 2 else decoded, sr))
+    r = httpx.post(live.url + "/v1/classify", json={"model": "kws", "audio": payload, "top": 3}, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 3
+    for item, want in zip(data, kws.classify(clips, top=3)):
+        assert item["label"] == want["label"] and abs(item["score"] - want["score"]) < 1e-5
+        assert [t[0] for t in item["top"]] == [t[0] for t in want["top"]]
+    bad = httpx.post(live.url + "/v1/classify", json={"model": "kws", "audio": ["bm90IGF1ZGlv"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "audio[0]"
+    wrong = httpx.post(live.url + "/v1/classify", json={"model": "kws", "image": payload[:1]})
+    assert wrong.status_code == 400
+
+
+def test_transcription_of_speech(serve, whisper, tmp_path):
+    """Real speech (espeak-ng) through the openai client: the server's text is ``model.transcribe``'s on
+    the same file, and the spoken words come back."""
+    from whisper_helpers import SENTENCES, espeak
+
+    live = serve({"asr": whisper})
+    client = live.client()
+    words = lambda s: set(s.lower().replace(".", " ").replace(",", " ").replace("-", " ").split())  # noqa: E731
+    said = heard = 0
+    for i in (0, 2, 3):
+        wav = espeak(SENTENCES[i], tmp_path / f"{i}.wav")
+        want = whisper.transcribe(str(wav))
+        with open(wav, "rb") as f:
+            got = client.audio.transcriptions.create(model="asr", file=f)
+        assert got.text == want
+        said += len(words(SENTENCES[i]))
+        heard += len(words(SENTENCES[i]) & words(got.text))
+    assert heard >= 0.75 * said, (heard, said)

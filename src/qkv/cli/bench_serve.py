@@ -1,7 +1,8 @@
 """`qkv bench serve`: the HTTP server (`qkv serve`) under load, on loopback, against the baselines.
 
 The server runs in a child process (uvicorn, 127.0.0.1, torch threads = cores); the clients are an
-asyncio httpx load generator in this process. Every ratio is measured in one run, interleaved.
+asyncio load generator in this process (a minimal keep-alive client, `_Conn`: it shares the cores).
+Every ratio is measured in one run, interleaved.
 
 - Embeddings (all-MiniLM-L6-v2): 1, 4 and 16 concurrent clients, each request carrying 1 sentence or
   8 sentences; sentences/s and p50/p99 request latency, against (a) ``model.embed`` in process on
@@ -202,23 +203,59 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+class _Conn:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: the load generator shares the 2 cores with
+    the server, so it must cost little (httpx spends about 1 ms of CPU per request, as much as a small
+    batch of MiniLM). Requests are JSON POSTs; responses need a Content-Length (all the routes measured
+    here send one)."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: dict) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+        length = next((int(v) for k, v in fields.items() if k.strip().lower() == "content-length"), None)
+        if length is None:
+            raise RuntimeError(f"POST {path}: the response has no Content-Length ({lines[0]})")
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+
+
 async def _embed_load(url: str, texts: list[str], per_request: int, clients: int, extra: dict | None = None) -> dict:
     """Send ``texts`` in requests of ``per_request`` from ``clients`` concurrent connections."""
-    import httpx
-
     bodies = [{"input": texts[i:i + per_request], **({"qkv": extra} if extra else {})}
               for i in range(0, len(texts), per_request)]
     todo, lat = iter(bodies), []
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
-        async def worker():
+
+    async def worker():
+        conn = _Conn(url)
+        try:
             for body in todo:
                 t0 = time.perf_counter()
-                r = await client.post("/v1/embeddings", json=body)
-                r.raise_for_status()
+                status, data = await conn.post("/v1/embeddings", body)
+                if status != 200:
+                    raise RuntimeError(f"/v1/embeddings answered {status}: {data[:300]!r}")
                 lat.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+        finally:
+            await conn.close()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - t0
     return {"per_s": len(texts) / wall, "p50_ms": _pct(lat, 50) * 1e3, "p99_ms": _pct(lat, 99) * 1e3}
 
 

@@ -29,7 +29,7 @@ from . import attention, media, page
 from . import openai_shapes as shapes
 from .attention import attention_dict
 from .batching import Batcher, TokenCounter
-from .errors import APIError, bad_field
+from .errors import APIError, FastJSON, bad_field
 from .generate import Generator, Job
 from .metrics import Metrics, Middleware
 
@@ -60,12 +60,11 @@ class _Encoder:
     def explain(self, texts: list[str], spec: dict) -> tuple[np.ndarray, list[dict]]:
         """Embeddings and the attention of each text, from one forward pass per text."""
         vectors, maps = [], []
-        with self.lock:
-            for t in texts:
-                ex = explain_text(self.model, t, keep_output=True, **spec)
-                out, mask = ex.output
-                vectors.append(self.model.pool(out.last_hidden_state, mask)[0].float().cpu().numpy())
-                maps.append(attention_dict(ex))
+        for t in texts:  # on the batcher's thread, under the lock (`Batcher.run`)
+            ex = explain_text(self.model, t, keep_output=True, **spec)
+            out, mask = ex.output
+            vectors.append(self.model.pool(out.last_hidden_state, mask)[0].float().cpu().numpy())
+            maps.append(attention_dict(ex))
         return np.stack(vectors), maps
 
 
@@ -219,7 +218,7 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
             raise bad_field("dimensions", f"{name} gives {enc.model.config.dim}-dimensional embeddings only")
         c = enc.model.config
         want = attention.spec(body, c.n_layers, c.n_heads)
-        counts = await asyncio.to_thread(enc.count, texts)
+        counts = await enc.count.counts(texts)
         limit = min(max_input_tokens, enc.context or max_input_tokens)
         for i, n in enumerate(counts):
             if n > limit:
@@ -229,11 +228,11 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
         if want is None:
             vectors, maps = await enc.embed(texts, counts), None
         else:
-            vectors, maps = await asyncio.to_thread(enc.explain, texts, want)
+            vectors, maps = await enc.batcher.run(enc.explain, texts, want)
         out = shapes.embedding_list(name, vectors, fmt, sum(counts))
         for item, m in zip(out["data"], maps or ()):
             item["qkv"] = {"attention": m}
-        return JSONResponse(out)
+        return FastJSON(out)
 
     async def completions(request):
         return await _generate(request, chat=False)

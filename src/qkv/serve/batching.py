@@ -2,7 +2,9 @@
 
 A `Batcher` owns one worker task per model. Requests queue their items; the worker takes
 what is waiting, waiting up to ``max_wait`` seconds for more only while the batch is below
-its token ``budget``, and runs ``fn(items)`` once on a thread for all of them. While that
+its token ``budget``, and runs ``fn(items)`` once for all of them on the model's own compute
+thread (always the same OS thread: torch's OpenMP pool is per calling thread, so a pool of
+threads taking turns would keep several pools of spinning workers on the same cores). While that
 call runs, new requests queue up, so under load every call is full and nobody waits for a
 timer (the batching of text-embeddings-inference and Triton's dynamic batcher). A request
 that would take the queue beyond ``max_pending`` items is refused with 503 and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import copy
 import dataclasses
 import threading
@@ -45,10 +48,18 @@ class Batcher:
         self.fn, self.budget, self.max_items, self.max_wait = fn, budget, max_items, max_wait
         self.max_pending, self.name, self.on_batch = max_pending, name, on_batch
         self.lock = lock or threading.Lock()
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"qkv-{name}")
         self._queue: collections.deque[_Job] = collections.deque()
         self._pending = 0  # items queued, not yet taken
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+
+    async def run(self, fn: Callable, *args):
+        """``fn(*args)`` on this model's compute thread under its lock (the attention path, uploads)."""
+        def locked():
+            with self.lock:
+                return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.thread, locked)
 
     @property
     def pending(self) -> int:
@@ -96,6 +107,7 @@ class Batcher:
         return items >= self.max_items or tokens >= self.budget
 
     async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wake.clear()
@@ -116,7 +128,7 @@ class Batcher:
             items = [x for j in jobs for x in j.items]
             start = time.perf_counter()
             try:
-                results = await asyncio.to_thread(self._call, items)
+                results = await loop.run_in_executor(self.thread, self._call, items)
             except Exception as e:  # noqa: BLE001 -- each waiting request gets the failure
                 for j in jobs:
                     if not j.future.done():
@@ -149,6 +161,14 @@ class TokenCounter:
             self.copy = copy.deepcopy(tokenizer)
         except Exception:  # noqa: BLE001 -- an uncopyable tokenizer: count under the model's lock
             self.copy = None
+
+    INLINE_CHARS = 20_000  # up to this much text is counted on the event loop (microseconds), more on a thread
+
+    async def counts(self, texts: list[str]) -> list[int]:
+        """Token counts; small inputs without a thread hop."""
+        if self.copy is not None and sum(map(len, texts)) <= self.INLINE_CHARS:
+            return self(texts)
+        return await asyncio.to_thread(self, texts)
 
     def __call__(self, texts: list[str]) -> list[int]:
         if self.copy is not None:

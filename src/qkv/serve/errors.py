@@ -4,6 +4,20 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+try:  # orjson (the serve extra) encodes a float list ~6x faster than json: embeddings are mostly floats
+    import orjson
+except ImportError:  # pragma: no cover -- the standard library's encoder
+    orjson = None
+
+
+class FastJSON(JSONResponse):
+    """`JSONResponse` encoded by orjson when it is installed (same JSON, compact, UTF-8)."""
+
+    def render(self, content) -> bytes:
+        if orjson is None:
+            return super().render(content)
+        return orjson.dumps(content)
+
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
           500: "server_error", 503: "server_error"}
