@@ -138,6 +138,14 @@ FAMILIES.update({
     "gemma3_text": (T.Gemma3ForCausalLM, T.Gemma3TextConfig, dict(_DEC, head_dim=8, sliding_window=4,
                                                                   num_hidden_layers=3, sliding_window_pattern=3)),
     "phi3": (T.Phi3ForCausalLM, T.Phi3Config, dict(_DEC, sliding_window=5)),
+    # vision: detection and segmentation
+    "yolos": (T.YolosForObjectDetection, T.YolosConfig, dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=[32, 48],
+        patch_size=8, num_detection_tokens=5)),
+    "segformer": (T.SegformerForSemanticSegmentation, T.SegformerConfig, dict(
+        # four stages, so that each per-stage list left out (its default has four values) still fits
+        depths=[1, 1, 1, 1], sr_ratios=[4, 2, 1, 1], hidden_sizes=[16, 32, 40, 64], num_attention_heads=[1, 2, 5, 8],
+        mlp_ratios=[2, 2, 2, 2], decoder_hidden_size=32, num_labels=3)),
 })
 
 
@@ -160,6 +168,12 @@ def family_outputs(family: str, hf, model):
         size = hf.config.image_size
         x = torch.randn(2, hf.config.num_channels, *(size if isinstance(size, list) else [size, size]), generator=g)
         return hf(pixel_values=x).last_hidden_state, model(x).last_hidden_state
+    if family == "yolos":
+        x = torch.randn(2, hf.config.num_channels, *hf.config.image_size, generator=g)
+        return hf(pixel_values=x).pred_boxes, model(x).pred_boxes
+    if family == "segformer":
+        x = torch.randn(2, hf.config.num_channels, 64, 80, generator=g)
+        return hf(pixel_values=x).logits, model(x).logits
     vocab = hf.config.vocab_size
     dec = torch.randint(3, vocab, (2, 5), generator=g)
     if family == "whisper":

@@ -30,6 +30,7 @@ __all__ = ["Data", "DataError", "IGNORE", "load_data", "BUILTIN", "train_tokeniz
 BUILTIN = {
     "shakespeare": "lm", "fortunes": "classify", "digits": "image", "mnist1d": "signal", "spoken-words": "audio",
     "listops": "listops", "mqar": "mqar", "reverse": "seq2seq",
+    "scenes": "detect",  # also segment and caption (qkv.data.scenes)
 }
 
 
@@ -129,6 +130,12 @@ def load_data(cfg, task: str, seed: int = 0) -> Data:
     if name == "reverse" or (name is None and task == "seq2seq"):
         rows = _call(reverse_strings, opts, n=4000, seed=seed) if name else read_records(cfg.path, ("source", "target"))
         return _seq2seq(rows, cfg, seed)
+    if name == "scenes":
+        from functools import partial
+
+        from .scenes import scenes_data
+
+        return _call(partial(scenes_data, cfg, task, seed), opts)
     if name == "digits":
         return _table(*digits(), cfg, seed)
     if name == "mnist1d":

@@ -6,6 +6,7 @@
 - `Seq2Seq` / `Seq2SeqConfig`: T5 and BART.
 - `VisionTransformer` / `ViTConfig`: ViT, with an image-classification head.
 - `SpeechRecognizer` / `WhisperConfig`: Whisper speech recognition.
+- `ImageCaptioner` / `CaptionerConfig`: ViT encoder + cross-attending GPT-2 decoder (captions).
 """
 
 from ._base import Model, ModelOutput
@@ -15,7 +16,11 @@ from .seq2seq import Seq2Seq, Seq2SeqConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .speech import SpeechRecognizer, WhisperConfig
 from .vision import ViTConfig, VisionTransformer
+from .captioning import CaptionerConfig, ImageCaptioner
+from .detection import ObjectDetector, YolosConfig
+from .segformer import SegformerConfig, SemanticSegmenter
 
 __all__ = ["Model", "ModelOutput", "GenerationConfig", "TextEncoder", "TextEncoderConfig", "CausalLM",
            "CausalLMConfig", "Seq2Seq", "Seq2SeqConfig", "VisionTransformer", "ViTConfig",
-           "SpeechRecognizer", "WhisperConfig"]
+           "SpeechRecognizer", "WhisperConfig", "ImageCaptioner", "CaptionerConfig", "ObjectDetector", "YolosConfig",
+           "SemanticSegmenter", "SegformerConfig"]

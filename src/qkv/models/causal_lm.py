@@ -199,14 +199,15 @@ class CausalLM(Model):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 return_weights: bool = False, return_hidden: bool = False, last_only: bool = False,
-                logits_for: torch.Tensor | None = None) -> ModelOutput:
+                logits_for: torch.Tensor | None = None, context: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, T) -> ModelOutput(last_hidden_state, logits (B, T, V), attentions, cache).
 
         ``attention_mask`` (B, Tk) covers the cached positions too. ``position_ids``
         default to ``cache.length + arange(T)``. ``last_only`` computes logits for
         the last position only (what decoding needs); ``logits_for``, a (B, T) bool
         mask, for the marked positions only, as (N, V) in row-major order (training
-        on sparse labels, where a full (B, T, V) tensor would be mostly waste).
+        on sparse labels, where a full (B, T, V) tensor would be mostly waste). ``context`` (B, S, C): what
+        cross-attending blocks read (a stack built with cross-attention, as `qkv.models.ImageCaptioner`'s).
         """
         B, T = input_ids.shape
         start = 0 if cache is None else cache.length
@@ -222,7 +223,7 @@ class CausalLM(Model):
         step = T == 1 and start > 0
         mask = step_mask(attention_mask) if step else key_mask(attention_mask, causal=True)
         out = self.stack(self.drop(x), positions=position_ids, cache=cache, return_weights=return_weights,
-                         return_hidden=return_hidden, **self._layer_args(mask, attention_mask, step))
+                         return_hidden=return_hidden, context=context, **self._layer_args(mask, attention_mask, step))
         if cache is not None:
             cache.advance(T)
         h = out.hidden
@@ -230,7 +231,8 @@ class CausalLM(Model):
         if self.config.final_softcap is not None:  # Gemma 2: cap * tanh(logits / cap)
             cap = self.config.final_softcap
             logits = torch.tanh(logits / cap) * cap
-        return ModelOutput(h, logits=logits, attentions=out.attentions, hidden_states=out.hidden_states, cache=cache)
+        return ModelOutput(h, logits=logits, attentions=out.attentions, hidden_states=out.hidden_states, cache=cache,
+                           cross_attentions=out.cross_attentions)
 
     def _convolve(self, x: torch.Tensor, attention_mask, cache: KVCache | None, start: int) -> torch.Tensor:
         """The causal depthwise convolution over (B, T, C) embeddings; padding positions count as zeros,

@@ -9,13 +9,17 @@ from pathlib import Path
 import torch
 
 from ..convert import ConversionError, check_complete, ctranslate2, huggingface
-from ..models import CausalLM, Seq2Seq, SpeechRecognizer, TextEncoder, VisionTransformer
+from ..models import CausalLM, ObjectDetector, Seq2Seq, SpeechRecognizer, TextEncoder, VisionTransformer
 from ..models.generation import generation_defaults
+from ..models.segformer import SemanticSegmenter
+from ..models.captioning import ImageCaptioner
 from ._files import load_file, load_weights, read_json
 from .tokenizer import Tokenizer
 
 FAMILIES = {"text_encoder": TextEncoder, "causal_lm": CausalLM, "seq2seq": Seq2Seq, "vision": VisionTransformer,
-            "speech": SpeechRecognizer}
+            "speech": SpeechRecognizer, "detection": ObjectDetector,
+            "segmentation": SemanticSegmenter}
+FAMILIES["captioning"] = ImageCaptioner
 
 
 @dataclass(frozen=True)
@@ -166,9 +170,13 @@ def load(name_or_path: str | Path, *, device=None, dtype: torch.dtype | None = N
     if "qkv_family" in hf:  # saved by qkv (qkv.train.save_pretrained): our own keys, no conversion
         return _load_native(folder, hf, device=device, dtype=dtype, backend=backend)
     kind = hf.get("model_type")
-    side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json"}.get(kind) \
+    side = {"vit": "preprocessor_config.json", "whisper": "generation_config.json",
+            "yolos": "preprocessor_config.json", "segformer": "preprocessor_config.json"}.get(kind) \
         if isinstance(kind, str) else None
     extra = read_json(folder / side) if side and (folder / side).exists() else None
+    if kind == "vision-encoder-decoder":  # two side files: image preprocessing and generation's token ids
+        extra = {name: read_json(folder / name) for name in ("preprocessor_config.json", "generation_config.json")
+                 if (folder / name).is_file()}
     # the config is checked (sizes against memory too) before any weights are read
     family, config = huggingface.config_from_hf(hf, _tensor_names(folder), extra, source=str(cfg_file))
     sd = read_safetensors(folder)
@@ -230,7 +238,7 @@ def _attach(model, folder: Path, family: str, config, *, device, dtype, backend)
     if (folder / "tokenizer.json").exists():
         max_len = getattr(config, "max_length", None) if family == "text_encoder" else None
         model.tokenizer = Tokenizer.from_file(folder, max_length=max_len)
-    if (folder / "generation_config.json").is_file() and type(model) in (CausalLM, Seq2Seq):
+    if (folder / "generation_config.json").is_file() and type(model) in (CausalLM, Seq2Seq, ImageCaptioner):
         # the checkpoint's generation settings (stop tokens, sampling): defaults that explicit options win over
         model.generation_defaults = generation_defaults(read_json(folder / "generation_config.json"))
     model.source = str(folder)

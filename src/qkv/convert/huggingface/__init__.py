@@ -36,11 +36,15 @@ from .text import (
     t5,
     t5_config,
 )
+from .detection import yolos, yolos_config
+from .segformer import segformer, segformer_config
 from .vision import vit, vit_config
+from .captioning import captioning_config, vision_encoder_decoder
 
 CONVERTERS = {"bert": bert, "gpt2": gpt2, "llama": llama, "t5": t5, "bart": bart, "vit": vit, "whisper": whisper,
               "qwen2": decoder, "qwen3": decoder, "mistral": decoder, "gemma2": decoder, "gemma3_text": decoder,
-              "phi3": phi3}
+              "phi3": phi3, "yolos": yolos, "segformer": segformer}
+CONVERTERS["vision-encoder-decoder"] = vision_encoder_decoder
 # decoder-only families: model_type -> config builder
 _DECODERS = {
     "qwen2": lambda cfg, source: qwen_config(cfg, source, "qwen2"),
@@ -77,6 +81,12 @@ def config_from_hf(cfg: Mapping, keys: set[str] = frozenset(), extra: Mapping | 
         return "seq2seq", bart_config(cfg, source=source)
     if kind == "vit":
         return "vision", vit_config(cfg, keys, extra, source=source)
+    if kind == "vision-encoder-decoder":  # extra: {side file name: its JSON} (image processor, generation)
+        return "captioning", captioning_config(cfg, keys, extra, source=source)
+    if kind == "yolos":
+        return "detection", yolos_config(cfg, keys, extra, source=source)
+    if kind == "segformer":
+        return "segmentation", segformer_config(cfg, keys, extra, source=source)
     if kind == "whisper":
         return "speech", whisper_config(cfg, extra, source=source)
     if kind is None:

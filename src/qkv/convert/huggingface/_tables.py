@@ -241,17 +241,65 @@ WHISPER = _family(
     median_filter_width=IGNORED,  # word timestamps
 )
 
+# YOLOS (YolosForObjectDetection): a ViT with detection tokens; the set-loss settings are read too (training).
+YOLOS = _family(
+    hidden_size=count(), num_hidden_layers=count(), num_attention_heads=count(), intermediate_size=count(),
+    hidden_act=Read("str", "gelu", choices=ACTS), layer_norm_eps=positive(1e-12),
+    image_size=Read("size", [512, 864]),
+    # transformers' YOLOS divides by patch_size as one number (a [h, w] patch fails there): an int only
+    patch_size=count(16), num_channels=count(3), qkv_bias=flag(True),
+    num_detection_tokens=count(100), use_mid_position_embeddings=flag(True),
+    hidden_dropout_prob=fraction(0.0), attention_probs_dropout_prob=fraction(0.0),
+    auxiliary_loss=flag(False), class_cost=Read("float", 1.0, lo=0.0), bbox_cost=Read("float", 5.0, lo=0.0),
+    giou_cost=Read("float", 2.0, lo=0.0), bbox_loss_coefficient=positive(5.0), giou_loss_coefficient=positive(2.0),
+    eos_coefficient=positive(0.1),
+    is_decoder=IGNORED, add_cross_attention=IGNORED, tie_word_embeddings=IGNORED,
+)
+
+# SegFormer (SegformerModel, SegformerForSemanticSegmentation): per-stage lists, one value per encoder block.
+SEGFORMER = _family(
+    num_channels=count(3), num_encoder_blocks=count(4), num_hidden_layers=Alias("num_encoder_blocks"),
+    depths=Read("ids", [2, 2, 2, 2]), sr_ratios=Read("ids", [8, 4, 2, 1]), hidden_sizes=Read("ids", [32, 64, 160, 256]),
+    patch_sizes=Read("ids", [7, 3, 3, 3]), strides=Read("ids", [4, 2, 2, 2]),
+    num_attention_heads=Read("ids", [1, 2, 5, 8]), mlp_ratios=Read("floats", [4, 4, 4, 4]),
+    hidden_act=Read("str", "gelu", choices=ACTS), hidden_dropout_prob=fraction(0.0),
+    attention_probs_dropout_prob=fraction(0.0), classifier_dropout_prob=fraction(0.1), drop_path_rate=fraction(0.1),
+    decoder_hidden_size=count(256), semantic_loss_ignore_index=Read("int", 255, lo=-2**31),
+    reshape_last_stage=Only((True,), "qkv's SegFormer keeps every stage output a (B, C, h, w) map; use transformers"),
+    # transformers' SegFormer builds every LayerNorm with torch's default eps (1e-5) and never reads this
+    layer_norm_eps=IGNORED,
+    # older configs carry these; transformers' SegFormer does not read them (any image size runs)
+    image_size=IGNORED, downsampling_rates=IGNORED,
+    is_decoder=IGNORED, add_cross_attention=IGNORED, tie_word_embeddings=IGNORED,
+)
+
 TABLES = {"bert": BERT, "gpt2": GPT2, "llama": LLAMA, "t5": T5, "bart": BART, "vit": VIT, "whisper": WHISPER,
-          "qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3}
+          "qwen2": QWEN2, "qwen3": QWEN3, "mistral": MISTRAL, "gemma2": GEMMA2, "gemma3_text": GEMMA3, "phi3": PHI3,
+          "yolos": YOLOS, "segformer": SEGFORMER}
 FAMILY_NAMES = {"bert": "BERT", "gpt2": "GPT-2", "llama": "Llama", "t5": "T5", "bart": "BART", "vit": "ViT",
                 "whisper": "Whisper", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma2": "Gemma 2",
-                "gemma3_text": "Gemma 3", "phi3": "Phi-3"}
+                "gemma3_text": "Gemma 3", "phi3": "Phi-3", "yolos": "YOLOS", "segformer": "SegFormer"}
 
 # Side files: the fields read from them are checked; the others are settings qkv does not use.
 VIT_PROCESSOR = {"image_mean": Read("floats", None, null=True), "image_std": Read("floats", None, null=True),
                  "resample": Read("int", None, lo=0, null=True)}
+YOLOS_PROCESSOR = {**VIT_PROCESSOR, "size": Read("dict", None, null=True)}  # {"shortest_edge", "longest_edge"}
+SEGFORMER_PROCESSOR = {**VIT_PROCESSOR, "size": Read("dict", None, null=True),  # {"height", "width"}
+                       "do_resize": flag(True), "do_rescale": flag(True), "do_normalize": flag(True),
+                       "rescale_factor": positive(1 / 255)}
 WHISPER_GENERATION = {
     "decoder_start_token_id": token(), "eos_token_id": Read("tokens", None, null=True), "pad_token_id": token(),
     "no_timestamps_token_id": token(), "suppress_tokens": Read("ids", None, null=True),
     "begin_suppress_tokens": Read("ids", None, null=True),
 }
+
+# VisionEncoderDecoderModel (image captioning): the outer config.json holds the encoder's and the decoder's
+# configs (each read by its family's table) and the token ids; the same ids are read from the decoder's
+# config and from generation_config.json, where transformers' generate looks for them.
+CAPTIONING_TOKENS = {"decoder_start_token_id": token(), "bos_token_id": token(),
+                     "eos_token_id": Read("tokens", None, null=True), "pad_token_id": token()}
+VISION_ENCODER_DECODER = _family(
+    encoder=Read("dict"), decoder=Read("dict"), **CAPTIONING_TOKENS,
+    tie_word_embeddings=IGNORED,  # transformers sets the outer one false; the decoder's own ties its head
+    is_decoder=IGNORED, add_cross_attention=IGNORED,  # older outer configs repeat these defaults; unread
+)
