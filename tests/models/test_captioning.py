@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers", reason="parity tests need tra
 import qkv  # noqa: E402
 from qkv.convert import ConversionError  # noqa: E402
 from qkv.models import CaptionerConfig, ImageCaptioner  # noqa: E402
+from vision_task_helpers import word_tokenizer  # noqa: E402
 
 T = transformers
 VOCAB = 60
@@ -201,18 +202,6 @@ def test_cached_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def _word_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>", "eos_token": "</s>",
-                                                            "bos_token": "<s>"}))
-
-
 def test_caption_images_with_the_folders_processor_and_tokenizer():
     from PIL import Image
 
@@ -222,7 +211,7 @@ def test_caption_images_with_the_folders_processor_and_tokenizer():
     with _folder() as path:
         hf.save_pretrained(path)
         proc.save_pretrained(path)
-        _word_tokenizer(path)
+        word_tokenizer(path, VOCAB)
         model = qkv.load(path)
         tok = T.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     rng = np.random.default_rng(0)

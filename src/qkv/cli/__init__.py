@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List the registered attention backends with their capabilities.")
     be.add_argument("--json", action="store_true", help="print as JSON")
     be.set_defaults(func=_cmd_backends)
+    from . import vision_tasks as _vision_tasks  # detect, segment, caption
+
+    _vision_tasks.add_parsers(sub)
     return p
 
 
