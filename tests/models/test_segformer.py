@@ -264,7 +264,10 @@ def test_qkv_save_round_trip_and_explain_capture(folder, tmp_path):
     x = torch.randn(1, 3, 32, 40)
     with torch.no_grad(), capture(again) as cap:
         out = again(x, return_weights=True)
-        torch.testing.assert_close(out.logits, model(x).logits, rtol=0, atol=0)
+    # the round trip is exact; asking for weights takes another attention kernel (float rounding apart)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(out.logits, model(x).logits, rtol=1e-5, atol=1e-6)
     assert [(m.kind, m.tq, m.tk) for m in cap.maps] == [("self", 80, 20), ("self", 20, 20)]
     torch.testing.assert_close(cap.maps[0].dense, out.attentions[0][0], rtol=1e-5, atol=1e-6)
     shutil.rmtree(saved, ignore_errors=True)

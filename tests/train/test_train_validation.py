@@ -179,8 +179,8 @@ def _poison(monkeypatch, at: int, how: str = "loss"):
 
     real, calls = loop.loss_and_stats, {"n": 0}
 
-    def poisoned(task, model, batch, label_smoothing=0.0):
-        loss, stats = real(task, model, batch, label_smoothing)
+    def poisoned(task, model, batch, *args, **kwargs):
+        loss, stats = real(task, model, batch, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] >= at:
             loss = loss * float("nan") if how == "loss" else _NanGrad.apply(loss)
@@ -245,8 +245,8 @@ from qkv.cli import main
 
 real, calls = loop.loss_and_stats, {"n": 0}
 
-def poisoned(task, model, batch, label_smoothing=0.0):
-    loss, stats = real(task, model, batch, label_smoothing)
+def poisoned(task, model, batch, *args, **kwargs):
+    loss, stats = real(task, model, batch, *args, **kwargs)
     calls["n"] += 1
     if os.environ["RANK"] == "1" and calls["n"] >= 4:  # only the second process sees a NaN
         loss = loss * float("nan")

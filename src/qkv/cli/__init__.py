@@ -29,7 +29,7 @@ def _cmd_bench(args) -> int:
                            progress=progress)
         print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
         return 0
-    if args.what in ("text", "media", "train"):
+    if args.what in ("text", "media", "vision", "train"):
         try:
             import importlib
 
@@ -307,12 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention", "text", "media", "train", "generate", "serve"],
+    b.add_argument("what", choices=["attention", "text", "media", "vision", "train", "generate", "serve"],
                    help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding; "
-                        "media: transcription and ViT; train: GPT-2-style training steps (these three against "
-                        "the reference libraries); generate: continuous batching against requests run one "
-                        "after another, latency at 1/4/16 concurrent requests, turn-2 prefill with a KV cache; serve: the "
-                        "HTTP server (embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak)")
+                        "media: transcription and ViT; vision: detection, segmentation and captioning forward; "
+                        "train: GPT-2-style training steps (these four against the reference libraries); "
+                        "generate: continuous batching against requests run one after another, latency at "
+                        "1/4/16 concurrent requests, turn-2 prefill with a KV cache; serve: the HTTP server "
+                        "(embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak)")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")

@@ -156,6 +156,12 @@ def load_data(cfg, task: str, seed: int = 0) -> Data:
         return Data("table", split_rows(table, cfg.val_fraction, cfg.test_fraction, seed), None,
                     info={"vocab_size": opts.get("vocab_size", 8192), "seq_len": table["input_ids"].shape[1]},
                     fresh=sampler)
+    if task in ("detect", "segment", "caption"):  # COCO JSON, images/ + masks/ folders, caption JSONL
+        from functools import partial
+
+        from .vision_files import files_data
+
+        return _call(partial(files_data, cfg, task, seed), opts)
     if task == "image":
         return _table(*_call(image_folder, opts, root=cfg.path), cfg, seed)
     if task == "audio":

@@ -285,7 +285,9 @@ def files_data(cfg, task: str, seed: int = 0, image_size: int = 64) -> Data:
     d = readers[task](cfg.path, image_size)
     n = len(d["files"])
     parts = split_rows({"i": torch.arange(n)}, cfg.val_fraction, cfg.test_fraction, seed)
-    tok = train_tokenizer(cfg.tokenizer, d["captions"], cfg.vocab_size) if task == "caption" else None
+    tok = None
+    if task == "caption":  # the vocabulary of the training captions only
+        tok = train_tokenizer(cfg.tokenizer, [d["captions"][i] for i in parts["train"]["i"].tolist()], cfg.vocab_size)
     classes = d["classes"] or []
     most = max((len(b) for b in d["boxes"]), default=0) if task == "detect" else None  # one width for all splits
     splits = {s: vision_table(_pick(d, p["i"].tolist()), task, tok, most, cfg.max_length) for s, p in parts.items()}

@@ -23,7 +23,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-TASKS = ("lm", "classify", "seq2seq", "image", "audio", "signal", "listops", "mqar", "chat")
+TASKS = ("lm", "classify", "seq2seq", "image", "audio", "signal", "listops", "mqar", "chat", "detect", "segment",
+         "caption")
 TOKENIZERS = ("char", "bpe", "wordpiece")
 MAX_LR = 10.0  # AdamW moves every weight by about lr per step: beyond 10 a run only diverges
 MAX_COUNT = 2**31 - 1  # steps, batch sizes, intervals: beyond it torch's index arithmetic overflows
@@ -36,8 +37,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None  # built-in: shakespeare, fortunes, digits, mnist1d, spoken-words, listops, mqar
-    path: str | None = None  # the user's data: a text file, CSV/JSONL, or a folder of class folders
+    dataset: str | None = None  # built-in: shakespeare, fortunes, digits, mnist1d, spoken-words, listops, mqar, scenes
+    # the user's data: a text file, CSV/JSONL, a folder of class folders; detect: a COCO JSON file, segment:
+    # a folder of images/ and masks/, caption: a JSONL file of image and caption
+    path: str | None = None
     tokenizer: str = "char"  # text: "char", "bpe" or "wordpiece" (trained on the training split)
     vocab_size: int = 2048  # bpe / wordpiece
     block_size: int = 256  # lm: tokens per training window
@@ -66,6 +69,7 @@ class OptimConfig:
     log_every: int = 10
     early_stop: int = 0  # stop after this many evaluations without improvement (0: never)
     label_smoothing: float = 0.0
+    class_balance: float = 0.0  # segment: weight classes by (pixels / class pixels) ** this (0: plain, 0.5: sqrt)
 
     @property
     def warmup_steps(self) -> int:
@@ -118,7 +122,7 @@ def _cuts_train_rows(cfg) -> bool:
     """Whether the training split is what val and test leave of one table (not for a token stream, a set
     that ships its own test split, or MQAR's fresh training sequences)."""
     fresh = cfg.task == "mqar" and cfg.data.options.get("fresh", True)
-    return not (cfg.task == "lm" or fresh or cfg.data.dataset in ("mnist1d", "spoken-words"))
+    return not (cfg.task == "lm" or fresh or cfg.data.dataset in ("mnist1d", "spoken-words", "scenes"))
 
 
 def _lr(cfg) -> float:
@@ -140,7 +144,7 @@ RULES: dict[str, tuple[_Test, _Text]] = {
     "out": (lambda v, cfg: bool(v.strip()), 'must name a folder for the run\'s outputs, e.g. out = "runs/mine"'),
     "seed": (lambda v, cfg: 0 <= v < 2**63, "must be an integer in [0, 2**63), e.g. seed = 0"),
     "data.dataset": (_builtin, ("must be a built-in set (shakespeare, fortunes, digits, mnist1d, spoken-words, "
-                                "listops, mqar, reverse), or leave it out and give data.path")),
+                                "listops, mqar, reverse, scenes), or leave it out and give data.path")),
     "data.path": (lambda v, cfg: v is None or bool(v.strip()), "must name a file or folder of your data"),
     "data.tokenizer": (lambda v, cfg: v in TOKENIZERS, f"must be one of {', '.join(TOKENIZERS)}"),
     "data.vocab_size": (_count(8, MAX_TOKENS), f"must be in [8, {MAX_TOKENS}]; 2048 to 32000 suits most text"),
@@ -177,6 +181,11 @@ RULES: dict[str, tuple[_Test, _Text]] = {
     "train.log_every": (_count(1), "must be >= 1 steps between log lines"),
     "train.early_stop": (_count(0), "must be >= 0 evaluations without improvement (0: never stop early)"),
     "train.label_smoothing": (_fraction, "must be in [0, 1), e.g. 0.1"),
+    "train.class_balance": (lambda v, cfg: 0 <= v <= 1 and (v == 0 or cfg.task == "segment"),
+                            lambda cfg: ("must be in [0, 1], and applies to task segment only (the pixel classes); "
+                                         f"task is {cfg.task!r}: leave it out" if cfg.task != "segment" else
+                                         "must be in [0, 1]: 0 plain cross-entropy, 0.5 rare classes weigh "
+                                         "sqrt(their rarity), 1 every class alike")),
 }
 
 

@@ -146,7 +146,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                 batch = {k: v[rank * t.batch_size : (rank + 1) * t.batch_size].to(device) for k, v in batch.items()}
                 sync = nullcontext() if micro == t.accumulate - 1 or world == 1 else net.no_sync()
                 with sync, autocast:
-                    loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing)
+                    loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing, t.class_balance)
                 (loss / t.accumulate).backward()  # even when not finite: under DDP every rank joins the reduction
                 total += float(loss.detach()) / t.accumulate
                 items += batch[next(iter(batch))].numel() if per_token else stats["count"]

@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE, Data
-from ..models import CausalLM, CausalLMConfig, Seq2Seq, Seq2SeqConfig, TextEncoder, TextEncoderConfig, ViTConfig, VisionTransformer
+from ..models import (CaptionerConfig, CausalLM, CausalLMConfig, ImageCaptioner, ObjectDetector, SegformerConfig,
+                      SemanticSegmenter, Seq2Seq, Seq2SeqConfig, TextEncoder, TextEncoderConfig, ViTConfig,
+                      VisionTransformer, YolosConfig)
+from . import vision_tasks as V
 from .config import ConfigError, TrainConfig
 
 def _fill_lm(values: dict, cfg: TrainConfig, data: Data) -> None:
@@ -105,6 +108,9 @@ class Task:
     mode: str  # "max": higher is better; "min": the loss itself is the metric
     unit: str  # what one "count" is
     defaults: dict = field(default_factory=dict)  # small model defaults, overridden by the [model] table
+    # metrics over a whole split (mAP, mean IoU, BLEU): scorer(model) has add(model, batch, output) and
+    # result() -> {metric: value}; the loss then returns the model output as stats["output"]
+    scorer: type | None = None
 
 
 _VIT = dict(dim=128, n_layers=4, n_heads=4, ffn_dim=256, dropout=0.1)
@@ -131,6 +137,15 @@ TASKS: dict[str, Task] = {
     "image": Task(ViTConfig, VisionTransformer, _fill_vit, _input_label_loss, "accuracy", "max", "image", _VIT),
     "audio": Task(ViTConfig, VisionTransformer, _fill_vit, _input_label_loss, "accuracy", "max", "clip", _VIT),
     "signal": Task(ViTConfig, VisionTransformer, _fill_vit, _input_label_loss, "accuracy", "max", "signal", _VIT),
+    # YOLOS-Ti's shape at 64 x 64: 8 x 8 patches, a [DET] token per possible object and some spare
+    "detect": Task(YolosConfig, ObjectDetector, V.fill_detect, V.detect_loss, "map50", "max", "image",
+                   dict(patch_size=8, dim=192, n_layers=6, n_heads=3, ffn_dim=768, num_detection_tokens=10,
+                        norm_eps=1e-6), V.DetectionScore),
+    "segment": Task(SegformerConfig, SemanticSegmenter, V.fill_segment, V.segment_loss, "mean_iou", "max", "pixel",
+                    dict(head_dropout=0.0), V.SegmentationScore),
+    # [model.encoder] and [model.decoder] tables over vision_tasks.CAPTION_ENCODER / CAPTION_DECODER
+    "caption": Task(CaptionerConfig, ImageCaptioner, V.fill_caption, V.caption_loss, "exact_match", "max",
+                    "caption", {}, V.CaptionScore),
 }
 # Views of the table, by task name.
 METRIC = {name: (t.metric, t.mode) for name, t in TASKS.items()}
@@ -164,8 +179,11 @@ def build_model(cfg: TrainConfig, data: Data):
     return model
 
 
-def loss_and_stats(task: str, model, batch: dict, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """The training loss of a batch and the counts its metric sums over."""
+def loss_and_stats(task: str, model, batch: dict, label_smoothing: float = 0.0,
+                   class_balance: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The training loss of a batch and the counts its metric sums over (``class_balance``: segment only)."""
+    if class_balance:
+        return TASKS[task].loss(model, batch, label_smoothing, class_balance=class_balance)
     return TASKS[task].loss(model, batch, label_smoothing)
 
 
@@ -175,19 +193,26 @@ def evaluate(task: str, model, data: Data, split: str, batch_size: int, block_si
     was = model.training
     model.eval()
     total, n, correct, count = 0.0, 0, 0, 0
+    t = TASKS[task]
+    scorer = t.scorer(model) if t.scorer is not None else None
     try:
         device = next(model.parameters()).device
         for batch in data.batches(split, batch_size, block_size, limit):
-            loss, stats = loss_and_stats(task, model, {k: v.to(device) for k, v in batch.items()})
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, stats = loss_and_stats(task, model, batch)
             total += float(loss) * stats["count"]
             n += stats["count"]
-            correct += stats["correct"]
+            correct += stats.get("correct", 0)
             count += stats["count"]
+            if scorer is not None:
+                scorer.add(model, batch, stats["output"])
     finally:
         model.train(was)
     out = {"loss": total / max(n, 1)}
-    if TASKS[task].mode == "min":  # the loss is the metric: report its perplexity beside it
+    if t.mode == "min":  # the loss is the metric: report its perplexity beside it
         out["perplexity"] = float(torch.exp(torch.tensor(out["loss"])))
+    elif scorer is not None:
+        out.update(scorer.result())
     else:
-        out[TASKS[task].metric] = correct / max(count, 1)
+        out[t.metric] = correct / max(count, 1)
     return out

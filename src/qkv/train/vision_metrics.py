@@ -137,17 +137,26 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 def class_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
               ignore_index: int | None = IGNORE) -> torch.Tensor:
     """IoU of each class, (num_classes,) float64; NaN for a class in neither the prediction nor the target."""
-    cm = confusion_matrix(pred, target, num_classes, ignore_index).double()
+    return confusion_iou(confusion_matrix(pred, target, num_classes, ignore_index))
+
+
+def confusion_iou(cm: torch.Tensor) -> torch.Tensor:
+    """Each class's IoU from a `confusion_matrix` (summed over batches, say); NaN for a class never seen."""
+    cm = cm.double()
     inter = cm.diagonal()
     union = cm.sum(0) + cm.sum(1) - inter
     return torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(union, float("nan")))
 
 
-def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = IGNORE) -> float:
-    """Mean IoU over the classes present (in the prediction or the target), background included."""
-    iou = class_iou(pred, target, num_classes, ignore_index)
+def mean_of_present(iou: torch.Tensor) -> float:
+    """The mean of the classes' IoUs that are not NaN (the classes present in prediction or target)."""
     present = ~iou.isnan()
     return float(iou[present].mean()) if bool(present.any()) else float("nan")
+
+
+def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = IGNORE) -> float:
+    """Mean IoU over the classes present (in the prediction or the target), background included."""
+    return mean_of_present(class_iou(pred, target, num_classes, ignore_index))
 
 
 def _references(predictions: Sequence[str], references: Sequence) -> list[list[str]]:
