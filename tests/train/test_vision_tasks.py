@@ -134,3 +134,11 @@ def test_users_files_train_through_load_data(tmp_path):
     with pytest.raises(Exception, match="data.options.colour"):
         fit(load_config(None, [f"out={tmp_path / 'r2'}", "task=segment", f"data.path={tmp_path / 'det'}",
                                "data.options.colour=1"]), progress=False)
+
+
+def test_segmentation_counts_pixels_for_the_metric_and_images_for_the_rate(tmp_path):
+    cfg = _cfg(tmp_path, "segment", "data.options.n_train=8")
+    data = load_data(cfg.data, "segment", cfg.seed)
+    batch = next(iter(data.batches("train", 4, 0)))
+    _, stats = loss_and_stats("segment", build_model(cfg, data), batch)
+    assert stats["examples"] == 4 and stats["count"] == int((batch["labels"] != IGNORE).sum()) > 4

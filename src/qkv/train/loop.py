@@ -149,7 +149,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, max_st
                     loss, stats = loss_and_stats(cfg.task, net, batch, t.label_smoothing, t.class_balance)
                 (loss / t.accumulate).backward()  # even when not finite: under DDP every rank joins the reduction
                 total += float(loss.detach()) / t.accumulate
-                items += batch[next(iter(batch))].numel() if per_token else stats["count"]
+                items += batch[next(iter(batch))].numel() if per_token else stats.get("examples", stats["count"])
             _stop_if_diverged(step + 1, total, _grad_norm(model, t.grad_clip), cfg, optimizer, out, world, device)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

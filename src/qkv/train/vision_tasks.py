@@ -117,7 +117,8 @@ def segment_loss(model, batch, smoothing, class_balance: float = 0.0):
     out.logits = up
     keep = labels != IGNORE
     right = ((up.argmax(1) == labels) & keep).sum()
-    return loss, {"correct": int(right), "count": int(keep.sum()), "output": out}
+    # count: pixels (what the loss and accuracy average over); examples: images (the progress rate's unit)
+    return loss, {"correct": int(right), "count": int(keep.sum()), "examples": labels.shape[0], "output": out}
 
 
 def caption_loss(model, batch, smoothing):
