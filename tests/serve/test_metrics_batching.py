@@ -99,6 +99,31 @@ def test_batcher_groups_by_budget_and_refuses_past_its_queue():
     asyncio.run(main())
 
 
+def test_batcher_waits_for_the_clients_it_just_answered_and_never_for_a_lone_one():
+    sizes = []
+
+    def fn(items):
+        sizes.append(len(items))
+        time.sleep(0.01)
+        return items
+
+    async def client(b, i, rounds):
+        for r in range(rounds):
+            assert await b.submit([(i, r)], [1]) == [(i, r)]
+            await asyncio.sleep(0.002 * (i % 3))  # the clients come back at different times
+
+    async def main():
+        b = Batcher(fn, max_wait=0.5)
+        await asyncio.gather(*(client(b, i, 6) for i in range(8)))  # 8 closed-loop clients
+        assert sum(sizes) == 48 and sizes[-4:] == [8] * 4  # every client back in each batch
+        sizes.clear()
+        t0 = time.perf_counter()
+        await client(b, 0, 5)  # one client: after the first call (which expects 8), nothing waits
+        assert sizes == [1] * 5 and time.perf_counter() - t0 < 0.5 + 5 * 0.01 + 0.4
+
+    asyncio.run(main())
+
+
 def test_batcher_failure_reaches_every_waiting_request():
     def fn(items):
         raise RuntimeError("boom")
@@ -114,13 +139,13 @@ def test_batcher_failure_reaches_every_waiting_request():
 
 
 def test_encoder_overload_gives_503_and_the_rest_are_answered(serve, tiny_encoder, monkeypatch):
-    embed = tiny_encoder.embed
+    embed = tiny_encoder.embed_ids
 
-    def slow(texts, *a, **kw):
+    def slow(ids, *a, **kw):
         time.sleep(0.05)
-        return embed(texts, *a, **kw)
+        return embed(ids, *a, **kw)
 
-    monkeypatch.setattr(tiny_encoder, "embed", slow)
+    monkeypatch.setattr(tiny_encoder, "embed_ids", slow)
     live = serve({"enc": tiny_encoder}, max_queue=0)  # encoders queue 64 x max(max_queue, 1) inputs
 
     def one(i):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import masks
 from ..nn import BlockConfig, LearnedPositions, Linear, TransformerEncoder
 from . import _checks
 from ._base import Model, ModelOutput, key_mask
@@ -142,6 +143,76 @@ class TextEncoder(Model):
                 total, n = (hidden * m).sum(1), m.sum(1).clamp(min=1e-9)
                 v = total / (n.sqrt() if mode == "mean_sqrt_len" else n)
         return F.normalize(v, dim=-1) if self.config.normalize else v
+
+    def pool_packed(self, hidden: torch.Tensor, segments: torch.Tensor, n: int) -> torch.Tensor:
+        """Sentence vectors (n, C) from packed hidden states (T, C) whose token t belongs to text
+        ``segments[t]`` (0..n-1, each text's tokens contiguous), as the config's pooling says."""
+        mode = self.config.pooling
+        if mode == "cls":
+            first = torch.ones_like(segments, dtype=torch.bool)
+            first[1:] = segments[1:] != segments[:-1]
+            v = hidden[first]
+        elif mode == "max":
+            v = hidden.new_full((n, hidden.shape[-1]), float("-inf"))
+            v = v.scatter_reduce(0, segments[:, None].expand_as(hidden), hidden, "amax")
+        else:
+            total = hidden.new_zeros(n, hidden.shape[-1]).index_add_(0, segments, hidden)
+            count = torch.bincount(segments, minlength=n).to(hidden.dtype)[:, None]
+            v = total / (count.sqrt() if mode == "mean_sqrt_len" else count)
+        return F.normalize(v, dim=-1) if self.config.normalize else v
+
+    def packed_rows(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None,
+                    max_tokens: int = 4096):
+        """Run tokenized texts packed: the texts are laid end to end in rows of at most ``max_tokens``
+        tokens (a longer text gets a row of its own), each text attending only to itself
+        (`qkv.masks.document`) with positions from 0, so no compute goes to padding. Yields
+        ``(index, hidden (T, C), segments (T,))`` per row: ``index`` the texts in the row, ``segments[t]``
+        the row-local number of token t's text."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"packed_rows: max_tokens must be an int >= 1, got {max_tokens!r}")
+        ids = [list(x) for x in ids]
+        if type_ids is not None and [len(t) for t in type_ids] != [len(x) for x in ids]:
+            raise ValueError("packed_rows: type_ids must hold one list per text, as long as its ids")
+        limit = self.config.max_length
+        for i, x in enumerate(ids):
+            if not x or len(x) > limit:
+                raise ValueError(f"packed_rows: text {i} has {len(x)} tokens; each text needs 1 to {limit} "
+                                 "(the model's max_length): truncate it when tokenizing")
+        rows, row, width = [], [], 0
+        for i, x in enumerate(ids):
+            if row and width + len(x) > max_tokens:
+                rows.append(row)
+                row, width = [], 0
+            row.append(i)
+            width += len(x)
+        if row:
+            rows.append(row)
+        device = self.device
+        for row in rows:
+            flat = torch.tensor([t for i in row for t in ids[i]], device=device)[None]
+            lengths = torch.tensor([len(ids[i]) for i in row], device=device)
+            segments = torch.repeat_interleave(torch.arange(len(row), device=device), lengths)
+            starts = torch.cumsum(lengths, 0) - lengths
+            positions = torch.arange(flat.shape[1], device=device) - starts[segments]
+            x = self.tokens(flat) + self.pos(positions)
+            if self.token_type is not None:
+                types = (torch.zeros_like(flat) if type_ids is None else
+                         torch.tensor([t for i in row for t in type_ids[i]], device=device)[None])
+                x = x + self.token_type(types)
+            x = self.drop(self.embed_norm(x))
+            hidden = self.encoder(x, mask=masks.document(segments[None])).hidden[0]
+            yield torch.tensor(row), hidden, segments
+
+    @torch.no_grad()
+    def embed_ids(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None,
+                  max_tokens: int = 4096) -> torch.Tensor:
+        """Sentence embeddings (N, C) of texts already tokenized (each as the tokenizer's ``encode`` gives
+        it, special tokens included), computed packed (`packed_rows`): equal to `embed` of the texts, with
+        no compute spent on padding, which is what a server batching texts of mixed lengths wants."""
+        out = torch.empty(len(ids), self.config.dim)
+        for index, hidden, segments in self.packed_rows(ids, type_ids, max_tokens):
+            out[index] = self.pool_packed(hidden, segments, len(index)).float().cpu()
+        return out
 
     def _over_batches(self, texts, batch_size: int, what: str, width: int, fn) -> tuple[torch.Tensor, bool]:
         """Run ``fn(output, batch) -> (b, width)`` over length-sorted batches; rows back in input order."""

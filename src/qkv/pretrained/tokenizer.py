@@ -147,6 +147,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_types(self, text: str) -> tuple[list[int], list[int]]:
+        """``(ids, type_ids)`` of one text, special tokens included (the segment ids BERT-style models read)."""
+        e = self.tok.encode(text)
+        return e.ids, e.type_ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 
 class _Encoder:
-    """A sentence encoder: concurrent requests are batched (`Batcher`, by token budget); requests for
-    attention run one text at a time under the same lock, each in one forward pass that gives both."""
+    """A sentence encoder: concurrent requests are batched (`Batcher`, by token budget) and each batch
+    runs packed (`TextEncoder.embed_ids`: the texts end to end, each attending to itself, no padding)
+    on the tokens the request was counted with; requests for attention run one text at a time under
+    the same lock, each in one forward pass that gives both."""
 
     def __init__(self, name: str, model, *, max_pending: int, budget: int, metrics: Metrics | None = None):
         self.name, self.model = name, model
@@ -46,16 +48,18 @@ class _Encoder:
         sizes = [getattr(model.config, k, None) for k in ("max_positions", "max_length")]  # embed truncates
         self.context = min((n for n in sizes if n), default=None)  # at max_length: refuse instead
         self.count = TokenCounter(model.tokenizer, self.lock)
-        self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock, max_wait=0.0,
+        self.row_tokens = 2048  # tokens per packed row (`TextEncoder.packed_rows`)
+        self.batcher = Batcher(self._embed, budget=budget, max_pending=max_pending, lock=self.lock, max_wait=0.005,
                                on_batch=metrics.batch_observer(name) if metrics else None, name=name)
 
     tasks = ("embeddings",)
 
-    def _embed(self, texts: list[str]):
-        return list(self.model.embed(texts).float().cpu().numpy())
+    def _embed(self, tokens: list[tuple[list[int], list[int]]]):
+        ids, types = zip(*tokens)
+        return list(self.model.embed_ids(ids, types, max_tokens=self.row_tokens).numpy())
 
-    async def embed(self, texts: list[str], counts: list[int]) -> np.ndarray:
-        return np.stack(await self.batcher.submit(texts, counts))
+    async def embed(self, tokens: list[tuple[list[int], list[int]]]) -> np.ndarray:
+        return np.stack(await self.batcher.submit(tokens, [len(ids) for ids, _ in tokens]))
 
     def explain(self, texts: list[str], spec: dict) -> tuple[np.ndarray, list[dict]]:
         """Embeddings and the attention of each text, from one forward pass per text."""
@@ -218,7 +222,8 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
             raise bad_field("dimensions", f"{name} gives {enc.model.config.dim}-dimensional embeddings only")
         c = enc.model.config
         want = attention.spec(body, c.n_layers, c.n_heads)
-        counts = await enc.count.counts(texts)
+        tokens = await enc.count.encodings(texts)
+        counts = [len(ids) for ids, _ in tokens]
         limit = min(max_input_tokens, enc.context or max_input_tokens)
         for i, n in enumerate(counts):
             if n > limit:
@@ -226,7 +231,7 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
                                param="input", code="context_length_exceeded")
         metrics.tokens.labels(name, "input").inc(sum(counts))
         if want is None:
-            vectors, maps = await enc.embed(texts, counts), None
+            vectors, maps = await enc.embed(tokens), None
         else:
             vectors, maps = await enc.batcher.run(enc.explain, texts, want)
         out = shapes.embedding_list(name, vectors, fmt, sum(counts))

@@ -1,12 +1,15 @@
 """Dynamic batching for one-shot models (encoders, classifiers): concurrent requests share one call.
 
 A `Batcher` owns one worker task per model. Requests queue their items; the worker takes
-what is waiting, waiting up to ``max_wait`` seconds for more only while the batch is below
-its token ``budget``, and runs ``fn(items)`` once for all of them on the model's own compute
+what is waiting and runs ``fn(items)`` once for all of them on the model's own compute
 thread (always the same OS thread: torch's OpenMP pool is per calling thread, so a pool of
 threads taking turns would keep several pools of spinning workers on the same cores). While that
 call runs, new requests queue up, so under load every call is full and nobody waits for a
-timer (the batching of text-embeddings-inference and Triton's dynamic batcher). A request
+timer (the batching of text-embeddings-inference and Triton's dynamic batcher). One wait is
+added: when fewer requests are waiting than the last batch held, the worker waits up to
+``max_wait`` seconds for that many (below the token ``budget``), because the clients it just
+answered are usually sending their next requests; without it, closed-loop clients settle into
+alternating batches of one and of all the rest. With one client nothing waits. A request
 that would take the queue beyond ``max_pending`` items is refused with 503 and
 ``Retry-After`` (into an empty queue any request goes).
 """
@@ -53,6 +56,7 @@ class Batcher:
         self._pending = 0  # items queued, not yet taken
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._expect = 1  # requests in the last batch
 
     async def run(self, fn: Callable, *args):
         """``fn(*args)`` on this model's compute thread under its lock (the attention path, uploads)."""
@@ -114,9 +118,11 @@ class Batcher:
                 await self._wake.wait()
             jobs: list[_Job] = []
             full = self._take(jobs)
-            if jobs and not full and self.max_wait > 0:  # idle start: give concurrent clients a moment
+            if jobs and not full and self.max_wait > 0 and len(jobs) < self._expect:
+                # the clients the last batch answered are likely sending their next requests: wait a
+                # moment for them rather than run a batch of one while they queue behind it
                 deadline = time.perf_counter() + self.max_wait
-                while not full and (left := deadline - time.perf_counter()) > 0:
+                while not full and len(jobs) < self._expect and (left := deadline - time.perf_counter()) > 0:
                     self._wake.clear()
                     try:
                         await asyncio.wait_for(self._wake.wait(), left)
@@ -125,6 +131,7 @@ class Batcher:
                     full = self._take(jobs)
             if not jobs:
                 continue
+            self._expect = len(jobs)
             items = [x for j in jobs for x in j.items]
             start = time.perf_counter()
             try:
@@ -152,8 +159,10 @@ class Batcher:
 
 
 class TokenCounter:
-    """Counts the tokens of texts without waiting for a running batch: on a copy of the tokenizer (the
-    model's own one toggles truncation while it encodes batches), or under ``lock`` if it cannot be copied."""
+    """Tokenizes texts without waiting for a running batch: on a copy of the tokenizer (the model's own
+    one toggles truncation while it encodes batches), or under ``lock`` if it cannot be copied. Calling
+    it gives token counts; `encodings` gives the tokens themselves (ids and type ids), so a batch can
+    run on them without tokenizing again."""
 
     def __init__(self, tokenizer, lock: threading.Lock):
         self.tokenizer, self.lock = tokenizer, lock
@@ -162,16 +171,23 @@ class TokenCounter:
         except Exception:  # noqa: BLE001 -- an uncopyable tokenizer: count under the model's lock
             self.copy = None
 
-    INLINE_CHARS = 20_000  # up to this much text is counted on the event loop (microseconds), more on a thread
+    INLINE_CHARS = 20_000  # up to this much text is tokenized on the event loop (microseconds), more on a thread
+
+    async def encodings(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """``(ids, type_ids)`` of each text, special tokens included; small inputs without a thread hop."""
+        if self.copy is not None and sum(map(len, texts)) <= self.INLINE_CHARS:
+            return self.encode(texts)
+        return await asyncio.to_thread(self.encode, texts)
 
     async def counts(self, texts: list[str]) -> list[int]:
         """Token counts; small inputs without a thread hop."""
-        if self.copy is not None and sum(map(len, texts)) <= self.INLINE_CHARS:
-            return self(texts)
-        return await asyncio.to_thread(self, texts)
+        return [len(ids) for ids, _ in await self.encodings(texts)]
 
     def __call__(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids, _ in self.encode(texts)]
+
+    def encode(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         if self.copy is not None:
-            return [len(self.copy.encode(t)) for t in texts]
+            return [self.copy.encode_with_types(t) for t in texts]
         with self.lock:
-            return [len(self.tokenizer.encode(t)) for t in texts]
+            return [self.tokenizer.encode_with_types(t) for t in texts]

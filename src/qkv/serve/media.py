@@ -76,7 +76,7 @@ class Classifier:
         else:
             self.tokens_each = math.prod(s // p for s, p in zip(c.size, c.patch)) + (c.pool == "cls")
         self.batcher = Batcher(self._classify, budget=ctx.batch_tokens, max_items=256 if kind == "text" else 32,
-                               max_wait=0.0, max_pending=max(ctx.max_queue, 1) * 64,
+                               max_wait=0.005, max_pending=max(ctx.max_queue, 1) * 64,
                                on_batch=ctx.metrics.batch_observer(name), name=name)
         if kind == "text":
             self.count = TokenCounter(model.tokenizer, self.batcher.lock)

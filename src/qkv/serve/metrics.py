@@ -1,8 +1,8 @@
 """``GET /metrics``: Prometheus text (``prometheus_client``, one registry per app).
 
 What is counted: requests by route and status, their latency, time to first token for streams,
-the queue depth and running rows of each model, the sizes of the batches it ran, and the tokens
-it read and wrote. Routes are labelled by their template (never by the raw path, so a scan of
+the queue depth and running rows of each model, the sizes and compute times of the batches it ran,
+and the tokens it read and wrote. Routes are labelled by their template (never by the raw path, so a scan of
 random URLs cannot grow the label set).
 """
 
@@ -32,6 +32,8 @@ class Metrics:
         self.running = Gauge("qkv_running", "Rows decoding in the running batch", ["model"], registry=r)
         self.batch = Histogram("qkv_batch_size", "Inputs per encoder call, rows per decoding step", ["model"],
                                buckets=_SIZES, registry=r)
+        self.batch_time = Histogram("qkv_batch_seconds", "Compute time of each encoder / classifier call",
+                                    ["model"], buckets=_LATENCY, registry=r)
         self.tokens = Counter("qkv_tokens", "Tokens read (input) and generated (output)", ["model", "kind"],
                               registry=r)
 
@@ -42,8 +44,13 @@ class Metrics:
             self.running.labels(name).set_function(running)
 
     def batch_observer(self, name: str):
-        """A `Batcher` ``on_batch`` callback recording a model's batch sizes."""
-        return lambda items, tokens, seconds: self.batch.labels(name).observe(items)
+        """A `Batcher` ``on_batch`` callback recording a model's batch sizes and compute times."""
+        size, busy = self.batch.labels(name), self.batch_time.labels(name)
+
+        def observe(items: int, tokens: int, seconds: float) -> None:
+            size.observe(items)
+            busy.observe(seconds)
+        return observe
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
