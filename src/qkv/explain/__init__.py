@@ -13,10 +13,10 @@ backend that runs it: full matrices for short inputs, top-k keys per query
 
 from .aggregate import entropy, gradient_attention, head_stats, mean_distance, rollout
 from .capture import AttentionMaps, Capture, capture
-from .core import Explanation, explain_audio, explain_image, explain_text
+from .core import Explanation, explain_audio, explain_image, explain_text, explain_texts
 from .render import find_token, png, terminal
 from .render_html import render_html, safe_json
 
-__all__ = ["capture", "Capture", "AttentionMaps", "Explanation", "explain_text", "explain_image", "explain_audio",
-           "rollout", "entropy", "mean_distance", "head_stats", "gradient_attention", "terminal", "png",
-           "render_html", "safe_json", "find_token"]
+__all__ = ["capture", "Capture", "AttentionMaps", "Explanation", "explain_text", "explain_texts", "explain_image",
+           "explain_audio", "rollout", "entropy", "mean_distance", "head_stats", "gradient_attention", "terminal",
+           "png", "render_html", "safe_json", "find_token"]

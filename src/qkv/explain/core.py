@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .aggregate import head_stats, rollout
-from .capture import DEFAULT_TOPK, AttentionMaps, capture
+from .capture import DEFAULT_TOPK, FULL_LIMIT, AttentionMaps, capture
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Explanation:
     notes: list[str] = field(default_factory=list)
     texts: list[str] | None = None  # text: what each token stands for (decoded); None: the tokens themselves
     output: object = None  # keep_output=True: (the model's output of the captured pass, its attention mask)
+    embedding: object = None  # explain_texts(embed=True): the text's sentence vector (C,)
 
     @property
     def length(self) -> int:
@@ -182,6 +183,73 @@ def explain_text(model, text: str, *, layers: Sequence[int] | None = None, heads
         result.output = (out, mask)
     result.notes += notes
     return result
+
+
+def explain_texts(model, texts: Sequence[str], *, layers: Sequence[int] | None = None,
+                  heads: Sequence[int] | None = None, full: bool | None = None, topk: int = DEFAULT_TOPK,
+                  name: str = "", embed: bool = False) -> list[Explanation]:
+    """`explain_text` of each of ``texts``, in few passes: a `TextEncoder` with a tokenizer runs them
+    packed (`TextEncoder.packed_rows`, rows of at most ``FULL_LIMIT`` tokens, each text attending only
+    to itself) and each text's maps are its block of its row's; a text alone in its row, and every
+    other model, goes through `explain_text` itself. The maps equal `explain_text`'s up to float
+    rounding (a packed row is another kernel call). ``embed``: also set each result's ``embedding``
+    (the sentence vector, ``model.pool`` of its hidden states), as `TextEncoder.embed_ids` gives it."""
+    texts = list(texts)
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not callable(getattr(model, "packed_rows", None)) or len(texts) < 2:
+        return [_explained_alone(model, t, embed, layers=layers, heads=heads, full=full, topk=topk, name=name)
+                for t in texts]
+    from ..models.text_encoder import pack
+
+    ids, types = zip(*(tok.encode_with_types(t) for t in texts))
+    limit = model.config.max_length
+    results: list[Explanation | None] = [None] * len(texts)
+    fits = [i for i, x in enumerate(ids) if 0 < len(x) <= limit]  # others: explain_text truncates or refuses
+    for row in pack([len(ids[i]) for i in fits], FULL_LIMIT):
+        row = [fits[j] for j in row]
+        if len(row) == 1:  # nothing to share the pass with
+            continue
+        with torch.no_grad(), capture(model, layers=layers, heads=heads, full=full, topk=topk) as cap:
+            _, hidden, segments = next(model.packed_rows([ids[i] for i in row], [types[i] for i in row],
+                                                         max_tokens=FULL_LIMIT))
+            vectors = model.pool_packed(hidden, segments, len(row)).float().cpu() if embed else None
+        start = 0
+        for j, i in enumerate(row):
+            n = len(ids[i])
+            part = type(cap)()
+            part.maps = [_block(m, start, n, topk) for m in cap.maps]
+            results[i] = _finish("text", [tok.tok.id_to_token(t) or "" for t in ids[i]], part, model, name,
+                                 texts=tok.token_texts(ids[i]))
+            if embed:
+                results[i].embedding = vectors[j]
+            start += n
+    return [r if r is not None else _explained_alone(model, t, embed, layers=layers, heads=heads, full=full,
+                                                     topk=topk, name=name) for r, t in zip(results, texts)]
+
+
+def _explained_alone(model, text: str, embed: bool, **spec) -> Explanation:
+    ex = explain_text(model, text, keep_output=embed, **spec)
+    if embed:
+        out, mask = ex.output
+        ex.embedding = model.pool(out.last_hidden_state, mask)[0].float().cpu()
+        ex.output = None
+    return ex
+
+
+def _block(m: AttentionMaps, start: int, n: int, topk: int) -> AttentionMaps:
+    """The maps of the text at positions ``start:start+n`` of a packed row (keys renumbered from 0)."""
+    end = start + n
+    out = AttentionMaps(m.name, m.layer, m.kind, m.heads, n, n)
+    if m.mean is not None:
+        out.mean = m.mean[start:end, start:end].clone()
+    if m.dense is not None:
+        out.dense = m.dense[:, start:end, start:end].clone()
+    else:  # the row's top keys: the text's own come first (every other key has probability 0)
+        k = min(topk, n)
+        out.top_values = m.top_values[:, start:end, :k].clone()
+        idx = m.top_index[:, start:end, :k]
+        out.top_index = torch.where(idx >= 0, idx - start, -1)
+    return out
 
 
 def explain_image(model, image, *, layers=None, heads=None, full: bool | None = None, topk: int = DEFAULT_TOPK,

@@ -73,6 +73,21 @@ class TextEncoderConfig:
                            attn_dropout=self.attn_dropout)
 
 
+def pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive texts grouped into rows of at most ``max_tokens`` tokens (a longer text: a row of its
+    own), in order: the rows `TextEncoder.packed_rows` runs."""
+    rows, row, width = [], [], 0
+    for i, n in enumerate(lengths):
+        if row and width + n > max_tokens:
+            rows.append(row)
+            row, width = [], 0
+        row.append(i)
+        width += n
+    if row:
+        rows.append(row)
+    return rows
+
+
 class TextEncoder(Model):
     """BERT-style encoder: token + position + segment embeddings, post-norm blocks, an optional head.
 
@@ -178,17 +193,8 @@ class TextEncoder(Model):
             if not x or len(x) > limit:
                 raise ValueError(f"packed_rows: text {i} has {len(x)} tokens; each text needs 1 to {limit} "
                                  "(the model's max_length): truncate it when tokenizing")
-        rows, row, width = [], [], 0
-        for i, x in enumerate(ids):
-            if row and width + len(x) > max_tokens:
-                rows.append(row)
-                row, width = [], 0
-            row.append(i)
-            width += len(x)
-        if row:
-            rows.append(row)
         device = self.device
-        for row in rows:
+        for row in pack([len(x) for x in ids], max_tokens):
             flat = torch.tensor([t for i in row for t in ids[i]], device=device)[None]
             lengths = torch.tensor([len(ids[i]) for i in row], device=device)
             segments = torch.repeat_interleave(torch.arange(len(row), device=device), lengths)

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..explain import explain_text
+from ..explain import explain_texts
 from . import attention, media, page
 from . import openai_shapes as shapes
 from .attention import attention_dict
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 class _Encoder:
     """A sentence encoder: concurrent requests are batched (`Batcher`, by token budget) and each batch
     runs packed (`TextEncoder.embed_ids`: the texts end to end, each attending to itself, no padding)
-    on the tokens the request was counted with; requests for attention run one text at a time under
-    the same lock, each in one forward pass that gives both."""
+    on the tokens the request was counted with; requests for attention run under the same lock, packed
+    too, each text's embedding and attention from one pass."""
 
     def __init__(self, name: str, model, *, max_pending: int, budget: int, metrics: Metrics | None = None):
         self.name, self.model = name, model
@@ -62,14 +62,10 @@ class _Encoder:
         return np.stack(await self.batcher.submit(tokens, [len(ids) for ids, _ in tokens]))
 
     def explain(self, texts: list[str], spec: dict) -> tuple[np.ndarray, list[dict]]:
-        """Embeddings and the attention of each text, from one forward pass per text."""
-        vectors, maps = [], []
-        for t in texts:  # on the batcher's thread, under the lock (`Batcher.run`)
-            ex = explain_text(self.model, t, keep_output=True, **spec)
-            out, mask = ex.output
-            vectors.append(self.model.pool(out.last_hidden_state, mask)[0].float().cpu().numpy())
-            maps.append(attention_dict(ex))
-        return np.stack(vectors), maps
+        """Embeddings and the attention of each text, from the same passes (`explain_texts`: packed
+        rows; a text alone is `explain_text`'s own pass)."""
+        explained = explain_texts(self.model, texts, embed=True, **spec)  # on the batcher's thread, locked
+        return np.stack([ex.embedding.numpy() for ex in explained]), [attention_dict(ex) for ex in explained]
 
 
 @dataclasses.dataclass
