@@ -73,3 +73,17 @@ def test_type_ids_change_the_embedding_as_in_forward():
 def test_packed_rows_refuse_bad_input_by_name(ids, types, kw, match):
     with pytest.raises(ValueError, match=match):
         _model(0, "mean", False, 2).embed_ids(ids, types, **kw)
+
+
+def test_rows_run_at_few_lengths_and_the_padding_changes_nothing():
+    from qkv.models.text_encoder import shape_bucket
+
+    sizes = {shape_bucket(n) for n in range(1, 4097)}
+    assert len(sizes) <= 80 and all(n <= shape_bucket(n) <= n * 9 / 8 for n in range(1, 4097))
+    model = _model(2, "mean", False, 2)
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+    ids = [[4] * 9, [5] * 8]  # 17 tokens: run as a row of 18, one padding token
+    got = model.embed_ids(ids)
+    assert seen == [shape_bucket(17)] == [18]
+    torch.testing.assert_close(got, torch.stack([_alone(model, x, None) for x in ids]), atol=2e-5, rtol=1e-4)

@@ -31,6 +31,7 @@ from .attention import attention_dict
 from .batching import Batcher, TokenCounter
 from .errors import APIError, FastJSON, bad_field
 from .generate import Generator, Job
+from .memory import Trimmer
 from .metrics import Metrics, Middleware
 
 log = logging.getLogger(__name__)
@@ -147,13 +148,15 @@ class _Auth:
 
 def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
                max_body_bytes: int = 4 * 2**20, max_input_tokens: int = 8192, max_tokens_limit: int = 4096,
-               max_batch: int = 16, batch_tokens: int = 16384) -> Starlette:
+               max_batch: int = 16, batch_tokens: int = 16384, trim_interval: float = 2.0) -> Starlette:
     """An OpenAI-compatible ASGI app over ``{name: model}`` (see the module docstring for the routes).
 
     ``max_queue``: generation requests that may wait per model beyond the running batch (429 past it;
     encoders queue 64x as many inputs, 503 past that); ``max_body_bytes``: largest request body (413);
     ``max_input_tokens``: longest input (400); ``max_tokens_limit``: largest ``max_tokens`` (400);
-    ``max_batch``: rows each engine decodes together; ``batch_tokens``: tokens per encoder batch.
+    ``max_batch``: rows each engine decodes together; ``batch_tokens``: tokens per encoder batch;
+    ``trim_interval``: seconds between returns of freed memory to the system while requests arrive
+    (`qkv.serve.memory`; 0: never).
     ``app.state.served`` maps each name to its `Generator` (``.engine``) or encoder; ``app.state.metrics``
     is the `Metrics`.
     """
@@ -164,6 +167,8 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
                         ("max_batch", max_batch), ("batch_tokens", batch_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
             raise ValueError(f"create_app: {name}={value!r} must be a positive int")
+    if isinstance(trim_interval, bool) or not isinstance(trim_interval, (int, float)) or not trim_interval >= 0:
+        raise ValueError(f"create_app: trim_interval={trim_interval!r} must be a number of seconds >= 0 (0: never)")
     metrics = Metrics()
     served: dict = {}
     ctx = Context(served, metrics, max_body_bytes, max_input_tokens, max_queue, batch_tokens)
@@ -299,13 +304,17 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
         log.exception("request %s %s failed", request.method, request.url.path)
         return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
 
+    trimmer = Trimmer(metrics.answered, trim_interval)
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         for g in generators:
             g.start()
+        trimmer.start()
         try:
             yield
         finally:  # after uvicorn's graceful shutdown: the running requests have finished
+            await trimmer.stop()
             for g in generators:
                 g.stop()
 
@@ -318,7 +327,7 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
     routes += media.routes(ctx) + page.routes(ctx)
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
-    app.state.served, app.state.metrics = served, metrics
+    app.state.served, app.state.metrics, app.state.trimmer = served, metrics, trimmer
     app.add_middleware(_Auth, api_key=api_key)
     app.add_middleware(Middleware, metrics=metrics, routes=routes)  # outermost: counts refused requests too
     return app

@@ -34,8 +34,12 @@ class Metrics:
                                buckets=_SIZES, registry=r)
         self.batch_time = Histogram("qkv_batch_seconds", "Compute time of each encoder / classifier call",
                                     ["model"], buckets=_LATENCY, registry=r)
+        self.answered_total = 0  # requests answered, read by the memory trimmer
         self.tokens = Counter("qkv_tokens", "Tokens read (input) and generated (output)", ["model", "kind"],
                               registry=r)
+
+    def answered(self) -> int:
+        return self.answered_total
 
     def watch(self, name: str, pending, running=None) -> None:
         """Report a model's queue depth (and running rows) from callables read at every scrape."""
@@ -83,4 +87,5 @@ class Middleware:
             await self.app(scope, receive, sending)
         finally:
             self.metrics.requests.labels(route, str(status[0])).inc()
+            self.metrics.answered_total += 1
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
