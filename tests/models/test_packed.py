@@ -76,7 +76,7 @@ def test_packed_rows_refuse_bad_input_by_name(ids, types, kw, match):
 
 
 def test_rows_run_at_few_lengths_and_the_padding_changes_nothing():
-    from qkv.models.text_encoder import shape_bucket
+    from qkv.models._base import shape_bucket
 
     sizes = {shape_bucket(n) for n in range(1, 4097)}
     assert len(sizes) <= 80 and all(n <= shape_bucket(n) <= n * 9 / 8 for n in range(1, 4097))

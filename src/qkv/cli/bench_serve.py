@@ -415,7 +415,9 @@ def format_table(result: dict, markdown: bool = False) -> str:
                 ("responses by status", ", ".join(f"{k}: {v}" for k, v in s["status"].items())),
                 ("unintended 5xx (target 0)", str(s["unintended_5xx"])), ("lost (target 0)", str(s["lost"])),
                 ("server-counted (GET /metrics)", f(s["server_counted"], 0)),
-                ("server RSS start / end MB", f"{s['rss_start_mb']:.0f} / {s['rss_end_mb']:.0f}"),
+                ("warm-up s (same traffic, before the start)", f(s.get("warmup_s", float("nan")), 0)),
+                ("server RSS start / peak / end MB", f"{s['rss_start_mb']:.0f} / {s.get('rss_max_mb', float('nan')):.0f}"
+                 f" / {s['rss_end_mb']:.0f}"),
                 ("RSS growth (target <= 10%)", f"{s['rss_growth_pct']:+.1f}%"),
                 ("/health at the end", str(s["health_at_end"]))]
         parts.append(_render(rows, markdown))

@@ -1,12 +1,14 @@
 """The soak of `qkv bench serve`: mixed traffic against a live server (embeddings, completions,
 streaming chats, malformed JSON, oversized bodies, bad fields, clients leaving mid-stream, bursts past
 the queue) for a while; responses by status, unintended 5xx, lost requests, server RSS growth after a
-warm-up, ``/health`` at the end."""
+warm-up of the same traffic (a quarter of the soak: the allocator and oneDNN's kernels for the shapes
+it brings settle), its peak, ``/health`` at the end."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections import Counter
 
@@ -88,15 +90,25 @@ def bench_soak(enc_kind: str, lm_kind: str, seconds: float, quick: bool, say) ->
 
     max_tokens = 8 if quick else 16
     opts = {"max_queue": 4, "max_body_bytes": 65536}
+    warm = max(3.0, seconds / 4)
     with Server({"models": {"enc": enc_kind, "lm": lm_kind}, "options": opts}) as srv:
-        say(f"soak warm-up ({max(3.0, seconds / 10):.0f} s)")
-        asyncio.run(_Soak(srv.url, max_tokens, seed=1).run(max(3.0, seconds / 10)))
+        say(f"soak warm-up ({warm:.0f} s of the same traffic)")
+        asyncio.run(_Soak(srv.url, max_tokens, seed=1).run(warm))
         rss0, count0 = srv.rss_mb(), _metrics_total(srv.url)
         say(f"soak ({seconds:.0f} s)")
         soak = _Soak(srv.url, max_tokens)
+        samples, done = [], threading.Event()
+
+        def sample():  # resident memory every 5 s, to tell a plateau from a climb
+            while not done.wait(5.0):
+                samples.append(srv.rss_mb())
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
         t0 = time.perf_counter()
         asyncio.run(soak.run(seconds))
         wall = time.perf_counter() - t0
+        done.set()
+        watcher.join()
         time.sleep(0.5)  # let the server finish accounting for the last disconnects
         rss1, count1 = srv.rss_mb(), _metrics_total(srv.url)
         health = httpx.get(srv.url + "/health", timeout=10).status_code
@@ -104,4 +116,5 @@ def bench_soak(enc_kind: str, lm_kind: str, seconds: float, quick: bool, say) ->
     return {"seconds": wall, "requests": sent, "status": {str(k): v for k, v in sorted(soak.status.items(), key=str)},
             "kinds": dict(soak.by_kind), "unintended_5xx": len(soak.unintended), "lost": len(soak.lost),
             "lost_examples": soak.lost[:5], "server_counted": count1 - count0, "rss_start_mb": rss0,
-            "rss_end_mb": rss1, "rss_growth_pct": 100 * (rss1 - rss0) / rss0, "health_at_end": health}
+            "rss_end_mb": rss1, "rss_max_mb": max(samples + [rss0, rss1]), "rss_growth_pct": 100 * (rss1 - rss0) / rss0,
+            "warmup_s": warm, "health_at_end": health}

@@ -118,3 +118,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as Hugging Face's generate computes them: (B, T)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 1)
+
+
+def shape_bucket(n: int) -> int:
+    """``n`` rounded up to one of a few sizes per octave (a multiple of 2**(bits(n) - 4); at most 1/8
+    more): the lengths packed encoder rows and batched prefills run at (the rest is padding nobody
+    reads). oneDNN builds and keeps a kernel for each new matrix shape, so rows of every possible
+    length made a long-running server's memory grow without end (376 MB after 150 batches of MiniLM)."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step

@@ -35,6 +35,7 @@ import torch
 
 from ..nn import KVCache
 from . import generation
+from ._base import shape_bucket
 from .generation import GenerationConfig
 from .request import Request
 
@@ -280,7 +281,7 @@ class Engine:
         if not live:
             return None
         dev = self.model.device
-        T = max(len(r.prompt) for r in live)
+        T = shape_bucket(max(len(r.prompt) for r in live))  # a few shapes, not one per prompt length (memory)
         ids = torch.zeros(len(live), T, dtype=torch.long, device=dev)
         mask = torch.zeros(len(live), T, dtype=torch.long, device=dev)
         rows = []

@@ -12,7 +12,7 @@ from torch import nn
 from .. import masks
 from ..nn import BlockConfig, LearnedPositions, Linear, TransformerEncoder
 from . import _checks
-from ._base import Model, ModelOutput, key_mask
+from ._base import Model, ModelOutput, key_mask, shape_bucket
 
 HEADS = (None, "sequence_classification", "token_classification", "question_answering")
 POOLING = ("mean", "cls", "max", "mean_sqrt_len")
@@ -71,15 +71,6 @@ class TextEncoderConfig:
         return BlockConfig(dim=self.dim, n_heads=self.n_heads, ffn_dim=self.ffn_dim, activation=self.activation,
                            norm="layer", norm_eps=self.norm_eps, prenorm=False, dropout=self.dropout,
                            attn_dropout=self.attn_dropout)
-
-
-def shape_bucket(n: int) -> int:
-    """``n`` rounded up to one of a few sizes per octave (a multiple of 2**(bits(n) - 4); at most 1/8
-    more). A packed row is run at its bucket's length (the rest is a padding document nobody reads):
-    oneDNN builds and keeps a kernel for each new matrix shape, so rows of every possible length made a
-    long-running server's memory grow without end (376 MB after 150 batches of MiniLM, in process)."""
-    step = 1 << max(0, n.bit_length() - 4)
-    return -(-n // step) * step
 
 
 def pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
