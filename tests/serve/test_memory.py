@@ -45,3 +45,31 @@ def test_glibc_malloc_trim_is_found_and_runs():
 def test_create_app_refuses_a_bad_trim_interval(tiny_encoder, bad):
     with pytest.raises(ValueError, match="trim_interval"):
         create_app({"enc": tiny_encoder}, trim_interval=bad)
+
+
+def test_batchers_share_one_compute_thread_and_the_loading_thread_pool_is_released():
+    import threading
+
+    import torch
+
+    from qkv.serve.batching import Batcher
+    from qkv.serve.openmp import release_pool
+
+    where = []
+
+    def fn(items):
+        where.append(threading.get_ident())
+        return items
+
+    async def main():
+        a, b = Batcher(fn, name="a"), Batcher(fn, name="b")
+        await asyncio.gather(a.submit([1], [1]), b.submit([2], [1]))
+        await a.run(lambda: where.append(threading.get_ident()))
+    asyncio.run(main())
+    assert len(set(where)) == 1 and where[0] != threading.get_ident()
+    torch.ones(256, 256) @ torch.ones(256, 256)  # a parallel region on this thread
+    from qkv.serve.openmp import _libgomp
+
+    assert release_pool() is (_libgomp() is not None)  # torch's Linux wheels bring libgomp: True there
+    y = torch.ones(512, 512) @ torch.ones(512, 512)  # and torch still computes here after it
+    assert float(y[0, 0]) == 512.0

@@ -416,8 +416,8 @@ def format_table(result: dict, markdown: bool = False) -> str:
                 ("unintended 5xx (target 0)", str(s["unintended_5xx"])), ("lost (target 0)", str(s["lost"])),
                 ("server-counted (GET /metrics)", f(s["server_counted"], 0)),
                 ("warm-up s (same traffic, before the start)", f(s.get("warmup_s", float("nan")), 0)),
-                ("server RSS start / peak / end MB", f"{s['rss_start_mb']:.0f} / {s.get('rss_max_mb', float('nan')):.0f}"
-                 f" / {s['rss_end_mb']:.0f}"),
+                ("server RSS start / peak / end MB",
+                 f"{s['rss_start_mb']:.0f} / {s.get('rss_max_mb', float('nan')):.0f} / {s['rss_end_mb']:.0f}"),
                 ("RSS growth (target <= 10%)", f"{s['rss_growth_pct']:+.1f}%"),
                 ("/health at the end", str(s["health_at_end"]))]
         parts.append(_render(rows, markdown))

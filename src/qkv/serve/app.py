@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..explain import explain_texts
-from . import attention, media, page
+from . import attention, media, openmp, page
 from . import openai_shapes as shapes
 from .attention import attention_dict
 from .batching import Batcher, TokenCounter
@@ -59,8 +59,8 @@ class _Encoder:
         ids, types = zip(*tokens)
         return list(self.model.embed_ids(ids, types, max_tokens=self.row_tokens).numpy())
 
-    async def embed(self, tokens: list[tuple[list[int], list[int]]]) -> np.ndarray:
-        return np.stack(await self.batcher.submit(tokens, [len(ids) for ids, _ in tokens]))
+    async def embed(self, tokens: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
+        return await self.batcher.submit(tokens, [len(ids) for ids, _ in tokens])
 
     def explain(self, texts: list[str], spec: dict) -> tuple[np.ndarray, list[dict]]:
         """Embeddings and the attention of each text, from the same passes (`explain_texts`: packed
@@ -175,6 +175,7 @@ def create_app(models: dict, *, api_key: str | None = None, max_queue: int = 64,
     for name, m in models.items():
         served[name] = _kind(name, m, ctx, max_batch, batch_tokens)
     generators = [s for s in served.values() if isinstance(s, Generator)]
+    openmp.release_pool()  # the models were built on this thread; they run on the compute thread
     for name, s in served.items():
         if isinstance(s, Generator):
             eng = s.engine

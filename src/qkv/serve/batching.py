@@ -1,9 +1,9 @@
 """Dynamic batching for one-shot models (encoders, classifiers): concurrent requests share one call.
 
 A `Batcher` owns one worker task per model. Requests queue their items; the worker takes
-what is waiting and runs ``fn(items)`` once for all of them on the model's own compute
-thread (always the same OS thread: torch's OpenMP pool is per calling thread, so a pool of
-threads taking turns would keep several pools of spinning workers on the same cores). While that
+what is waiting and runs ``fn(items)`` once for all of them on the process's one compute thread,
+shared by every model (`qkv.serve.openmp`: torch's OpenMP team is per calling thread, and libgomp
+stops spin-waiting once it manages more threads than there are cores). While that
 call runs, new requests queue up, so under load every call is full and nobody waits for a
 timer (the batching of text-embeddings-inference and Triton's dynamic batcher). One wait is
 added: when fewer requests are waiting than the last batch held, the worker waits up to
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import copy
 import dataclasses
 import threading
@@ -26,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .errors import APIError
+from .openmp import compute_thread
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,7 +51,7 @@ class Batcher:
         self.fn, self.budget, self.max_items, self.max_wait = fn, budget, max_items, max_wait
         self.max_pending, self.name, self.on_batch = max_pending, name, on_batch
         self.lock = lock or threading.Lock()
-        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"qkv-{name}")
+        self.thread = compute_thread()  # shared by every model: one OpenMP team (`qkv.serve.openmp`)
         self._queue: collections.deque[_Job] = collections.deque()
         self._pending = 0  # items queued, not yet taken
         self._wake: asyncio.Event | None = None

@@ -179,7 +179,7 @@ def embedding_list(model: str, vectors: np.ndarray, fmt: str, prompt_tokens: int
         if fmt == "base64":
             emb = base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
         else:
-            emb = [float(x) for x in v.astype(np.float32)]
+            emb = np.ascontiguousarray(v, dtype=np.float32)  # FastJSON writes it as a list
         data.append({"object": "embedding", "index": i, "embedding": emb})
     return {"object": "list", "data": data, "model": model, "usage": usage(prompt_tokens, 0, embeddings=True)}
 
