@@ -2,7 +2,8 @@
 streaming chats, malformed JSON, oversized bodies, bad fields, clients leaving mid-stream, bursts past
 the queue) for a while; responses by status, unintended 5xx, lost requests, server RSS growth after a
 warm-up of the same traffic (a quarter of the soak: the allocator and oneDNN's kernels for the shapes
-it brings settle), its peak, ``/health`` at the end."""
+it brings settle; both readings 3 s after the traffic stops), its peak during the soak, ``/health``
+at the end."""
 
 from __future__ import annotations
 
@@ -85,6 +86,10 @@ def _metrics_total(url: str) -> float:
                if line.startswith("qkv_requests_total{") and not any(o in line for o in own))
 
 
+SETTLE_S = 3.0  # RSS is read this long after the traffic stops (start and end alike): past the server's
+# memory trimmer (every 2 s), so the growth is what the server keeps, not what is in flight
+
+
 def bench_soak(enc_kind: str, lm_kind: str, seconds: float, quick: bool, say) -> dict:
     import httpx
 
@@ -94,6 +99,7 @@ def bench_soak(enc_kind: str, lm_kind: str, seconds: float, quick: bool, say) ->
     with Server({"models": {"enc": enc_kind, "lm": lm_kind}, "options": opts}) as srv:
         say(f"soak warm-up ({warm:.0f} s of the same traffic)")
         asyncio.run(_Soak(srv.url, max_tokens, seed=1).run(warm))
+        time.sleep(SETTLE_S)
         rss0, count0 = srv.rss_mb(), _metrics_total(srv.url)
         say(f"soak ({seconds:.0f} s)")
         soak = _Soak(srv.url, max_tokens)
@@ -109,7 +115,7 @@ def bench_soak(enc_kind: str, lm_kind: str, seconds: float, quick: bool, say) ->
         wall = time.perf_counter() - t0
         done.set()
         watcher.join()
-        time.sleep(0.5)  # let the server finish accounting for the last disconnects
+        time.sleep(SETTLE_S)  # the last disconnects accounted for, requests finished, freed memory returned
         rss1, count1 = srv.rss_mb(), _metrics_total(srv.url)
         health = httpx.get(srv.url + "/health", timeout=10).status_code
     sent = sum(soak.status.values()) + len(soak.lost)
