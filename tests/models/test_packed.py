@@ -87,3 +87,21 @@ def test_rows_run_at_few_lengths_and_the_padding_changes_nothing():
     got = model.embed_ids(ids)
     assert seen == [shape_bucket(17)] == [18]
     torch.testing.assert_close(got, torch.stack([_alone(model, x, None) for x in ids]), atol=2e-5, rtol=1e-4)
+
+
+def test_classify_ids_equals_classify_and_needs_the_head():
+    from chat_helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer(None)
+    torch.manual_seed(4)
+    cfg = TextEncoderConfig(vocab_size=tok.vocab_size, dim=32, n_layers=2, n_heads=2, ffn_dim=48, max_positions=64,
+                            max_length=32, pad_token_id=tok.pad_id, head="sequence_classification", num_labels=3)
+    model = TextEncoder(cfg).init_weights().eval()
+    model.tokenizer = tok
+    texts = ["the sky is blue", "a", "hello there, how are you today?", "music under the green light"]
+    ids, types = zip(*(tok.encode_with_types(t) for t in texts))
+    got = model.classify_ids(ids, types)
+    ref = torch.tensor([[r["scores"][str(c)] for c in range(3)] for r in model.classify(texts)])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="head='sequence_classification'"):
+        _model(0, "mean", False, 2).classify_ids([[1, 2]])

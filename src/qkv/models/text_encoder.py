@@ -223,6 +223,22 @@ class TextEncoder(Model):
             out[index] = self.pool_packed(hidden, segments, len(index)).float().cpu()
         return out
 
+    @torch.no_grad()
+    def classify_ids(self, ids: Sequence[Sequence[int]], type_ids: Sequence[Sequence[int]] | None = None,
+                     max_tokens: int = 4096) -> torch.Tensor:
+        """Class probabilities (N, num_labels) of texts already tokenized, computed packed (`packed_rows`):
+        the sequence-classification head over each text's first token, equal to `classify`'s scores."""
+        if self.config.head != "sequence_classification":
+            raise ValueError("classify_ids() needs head='sequence_classification'; this model has "
+                             f"head={self.config.head!r}")
+        out = torch.empty(len(ids), self.config.num_labels)
+        for index, hidden, segments in self.packed_rows(ids, type_ids, max_tokens):
+            first = torch.ones_like(segments, dtype=torch.bool)
+            first[1:] = segments[1:] != segments[:-1]
+            pooled = torch.tanh(self.pooler(hidden[first]))
+            out[index] = self.classifier(self.drop(pooled)).float().softmax(-1).cpu()
+        return out
+
     def _over_batches(self, texts, batch_size: int, what: str, width: int, fn) -> tuple[torch.Tensor, bool]:
         """Run ``fn(output, batch) -> (b, width)`` over length-sorted batches; rows back in input order."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -85,8 +85,12 @@ class Classifier:
         """``model.classify`` with every label ranked in ``top``."""
         if self.kind != "text":
             return self.model.classify(items, top=len(self.labels))
-        return [{"label": r["label"], "score": r["score"],
-                 "top": sorted(r["scores"].items(), key=lambda kv: -kv[1])} for r in self.model.classify(items)]
+        ids, types = zip(*items)  # tokenized when counted; the batch runs packed (no padding)
+        out = []
+        for p in self.model.classify_ids(ids, types, max_tokens=2048):
+            top = sorted(zip(self.labels, p.tolist()), key=lambda kv: -kv[1])
+            out.append({"label": top[0][0], "score": top[0][1], "top": top})
+        return out
 
     def inputs(self, body: dict) -> tuple[list, list[int]]:
         """The request's inputs, decoded, and their token costs (runs on a worker thread)."""
@@ -94,12 +98,12 @@ class Classifier:
             texts = shapes.texts(body, "input")
             if len(texts) > shapes.MAX_INPUTS:
                 raise bad_field("input", f"holds {len(texts)} texts; send at most {shapes.MAX_INPUTS} per request")
-            counts = self.count(texts)
-            for i, n in enumerate(counts):
-                if n > self.context:
-                    raise APIError(400, f"input[{i}]: {n} tokens is more than {self.name} accepts ({self.context}); "
-                                   "shorten it", param="input", code="context_length_exceeded")
-            return texts, counts
+            tokens = self.count.encode(texts)
+            for i, (ids, _) in enumerate(tokens):
+                if len(ids) > self.context:
+                    raise APIError(400, f"input[{i}]: {len(ids)} tokens is more than {self.name} accepts "
+                                   f"({self.context}); shorten it", param="input", code="context_length_exceeded")
+            return tokens, [len(ids) for ids, _ in tokens]
         values = body.get(self.field)
         values = [values] if isinstance(values, str) else values
         if not isinstance(values, list) or not values:
