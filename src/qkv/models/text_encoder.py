@@ -73,6 +73,13 @@ class TextEncoderConfig:
                            attn_dropout=self.attn_dropout)
 
 
+def _first_tokens(segments: torch.Tensor) -> torch.Tensor:
+    """Where each text of a packed row starts: a (T,) bool mask over its ``segments``."""
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[1:] = segments[1:] != segments[:-1]
+    return first
+
+
 def pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Consecutive texts grouped into rows of at most ``max_tokens`` tokens (a longer text: a row of its
     own), in order: the rows `TextEncoder.packed_rows` runs."""
@@ -164,9 +171,7 @@ class TextEncoder(Model):
         ``segments[t]`` (0..n-1, each text's tokens contiguous), as the config's pooling says."""
         mode = self.config.pooling
         if mode == "cls":
-            first = torch.ones_like(segments, dtype=torch.bool)
-            first[1:] = segments[1:] != segments[:-1]
-            v = hidden[first]
+            v = hidden[_first_tokens(segments)]
         elif mode == "max":
             v = hidden.new_full((n, hidden.shape[-1]), float("-inf"))
             v = v.scatter_reduce(0, segments[:, None].expand_as(hidden), hidden, "amax")
@@ -233,9 +238,7 @@ class TextEncoder(Model):
                              f"head={self.config.head!r}")
         out = torch.empty(len(ids), self.config.num_labels)
         for index, hidden, segments in self.packed_rows(ids, type_ids, max_tokens):
-            first = torch.ones_like(segments, dtype=torch.bool)
-            first[1:] = segments[1:] != segments[:-1]
-            pooled = torch.tanh(self.pooler(hidden[first]))
+            pooled = torch.tanh(self.pooler(hidden[_first_tokens(segments)]))
             out[index] = self.classifier(self.drop(pooled)).float().softmax(-1).cpu()
         return out
 

@@ -179,10 +179,6 @@ class TokenCounter:
             return self.encode(texts)
         return await asyncio.to_thread(self.encode, texts)
 
-    async def counts(self, texts: list[str]) -> list[int]:
-        """Token counts; small inputs without a thread hop."""
-        return [len(ids) for ids, _ in await self.encodings(texts)]
-
     def __call__(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids, _ in self.encode(texts)]
 
