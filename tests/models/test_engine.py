@@ -154,6 +154,32 @@ def test_background_thread_serves_concurrent_submitters():
     assert not engine.running and got == want
 
 
+def test_steps_run_on_the_given_executor_interleaved_with_its_other_work():
+    import concurrent.futures
+
+    model = tiny("gpt2")
+    ps = prompts([5, 2, 9])
+    want = [alone(model, p, max_new_tokens=7, eos_token_id=[]) for p in ps]
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shared")
+    try:
+        engine = Engine(model, max_batch=2)
+        seen = set()
+        engine.on_step = lambda rows: seen.add(threading.current_thread().name)
+        engine.start(pool)
+        reqs = [engine.submit(p, max_new_tokens=7, eos_token_id=[]) for p in ps]
+        other = pool.submit(lambda: threading.current_thread().name)  # the pool's own work still runs between steps
+        assert [r.result(timeout=30) for r in reqs] == want
+        assert other.result(timeout=30).startswith("shared")
+        assert seen and all(name.startswith("shared") for name in seen)
+        with pytest.raises(RuntimeError, match="another executor"):
+            engine.start()
+        engine.stop()
+        with pytest.raises(TypeError, match="executor"):
+            engine.start(object())
+    finally:
+        pool.shutdown()
+
+
 def test_async_iteration_from_an_event_loop():
     import asyncio
 

@@ -25,6 +25,7 @@ the last row. Requests that do not ask cost nothing more.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -81,6 +82,7 @@ class Engine:
         self._cv = threading.Condition()  # the queue and the background thread's wake-ups
         self._pending: collections.deque[Request] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._executor = None  # where the background thread runs each step (None: on itself)
         self._stopping = False
         self.on_step: Callable[[int], None] | None = None  # called with the rows of each decoding step
         self._reset()
@@ -208,10 +210,20 @@ class Engine:
             steps += 1
         return steps
 
-    def start(self) -> Engine:
-        """Drive the engine from a background thread (daemon) until `stop`."""
+    def start(self, executor: concurrent.futures.Executor | None = None) -> Engine:
+        """Drive the engine from a background thread (daemon) until `stop`.
+
+        ``executor``: run each step there instead of on the background thread (which then only waits for
+        work). A server gives its one compute thread, so that the engine and its other models share one
+        OpenMP team (`qkv.serve.openmp`) and their work interleaves step by step."""
+        if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+            raise TypeError("Engine.start: executor must be a concurrent.futures.Executor, "
+                            f"got {type(executor).__name__}")
         if self.running:
+            if executor is not self._executor:
+                raise RuntimeError("Engine.start: the engine is already running on another executor; stop it first")
             return self
+        self._executor = executor
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="qkv-engine", daemon=True)
         self._thread.start()
@@ -241,7 +253,15 @@ class Engine:
                 if self._stopping:
                     return
             try:
-                self.step()
+                if self._executor is None:
+                    self.step()
+                else:
+                    try:
+                        done = self._executor.submit(self.step)
+                    except RuntimeError:  # the executor was shut down: nothing can run the steps any more
+                        log.warning("engine: its executor is shut down; the background thread stops")
+                        return
+                    done.result()
             except Exception:
                 log.exception("engine step failed; its requests finished with reason 'error'")
 

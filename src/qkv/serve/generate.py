@@ -23,6 +23,7 @@ from ..models.streaming import TextStream
 from . import openai_shapes as shapes
 from .attention import token_texts
 from .errors import APIError, bad_field
+from .openmp import compute_thread
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class Generator:
         return ("completions", "chat") if self.chats else ("completions",)
 
     def start(self) -> None:
-        self.engine.start()
+        self.engine.start(compute_thread())  # one OpenMP team with the batchers (`qkv.serve.openmp`)
 
     def stop(self) -> None:
         self.engine.stop(timeout=10)
