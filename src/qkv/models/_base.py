@@ -84,6 +84,21 @@ class Model(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def quantize(self, mode: str = "int8", *, activations: str = "dynamic", skip: tuple[str, ...] = ()) -> Model:
+        """int8 weights (one scale per output row) in every linear layer, for CPU inference; in place.
+
+        ``activations="dynamic"`` also quantizes each layer's input per call (FBGEMM int8 products, the
+        fastest); ``"none"`` keeps inputs in float (weight-only, closer to float32). ``skip``: module
+        names to keep in float. Embeddings, norms and convolutions stay float. See `qkv.nn.quantized`.
+        """
+        from ..nn.quantized import quantize
+
+        quantize(self, mode, activations=activations, skip=skip)
+        self.quantized = (mode, activations)
+        return self
+
+    quantized: tuple[str, str] | None = None  # (mode, activations) after `quantize`
+
     def num_parameters(self) -> int:
         """Distinct parameters (tied weights counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
