@@ -9,7 +9,18 @@ import sys
 
 import qkv
 
-from ._args import Parser, UsageError, input_file, int_list, integer, number, output_file, report
+from ._args import (
+    Parser,
+    UsageError,
+    add_precision,
+    input_file,
+    int_list,
+    integer,
+    load_model,
+    number,
+    output_file,
+    report,
+)
 
 
 def _cmd_bench(args) -> int:
@@ -27,6 +38,12 @@ def _cmd_bench(args) -> int:
 
         result = suite.run(quick=args.quick, repeat=args.repeat, soak_seconds=args.soak_seconds, only=args.only,
                            progress=progress)
+        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
+        return 0
+    if args.what == "engines":  # CTranslate2 / ONNX Runtime, optional: a missing engine skips its rows
+        from . import bench_engines as suite
+
+        result = suite.run(quick=args.quick, repeat=args.repeat, only=args.only, progress=progress)
         print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
         return 0
     if args.what in ("text", "media", "vision", "train"):
@@ -102,7 +119,7 @@ def _cmd_embed(args) -> int:
 
 def _model_that(args, method: str, does: str):
     """``qkv.load(args.model)``, refused with a message unless it has ``method``."""
-    model = qkv.load(args.model)
+    model = load_model(args, args.model)
     if not hasattr(model, method):
         raise ValueError(f"{args.model} is a {type(model).__name__}, which does not {does}")
     return model
@@ -188,16 +205,16 @@ def _cmd_explain(args) -> int:
         input_file(args.image, "--image")
         if not args.model:
             raise ValueError("--image needs --model: a ViT folder (config.json + model.safetensors)")
-        model = qkv.load(args.model)
+        model = load_model(args, args.model)
         ex = X.explain_image(model, args.image, name=args.model, **capture)
     elif args.audio:
         input_file(args.audio, "--audio")
         name = args.model or "whisper-tiny.en"
-        ex = X.explain_audio(qkv.load(name), args.audio, name=name, **capture)
+        ex = X.explain_audio(load_model(args, name), args.audio, name=name, **capture)
     else:
         texts = _texts(args)
         name = args.model or "all-MiniLM-L6-v2"
-        ex = X.explain_text(qkv.load(name), " ".join(texts), name=name, **capture)
+        ex = X.explain_text(load_model(args, name), " ".join(texts), name=name, **capture)
     layer, head = ex.resolve_layer(layer), ex.resolve_head(args.head)  # out-of-range values are refused here
     if args.token is not None:
         X.find_token(ex, args.token)  # a token that is not there is refused, whatever the output
@@ -270,7 +287,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_info(args) -> int:
     from dataclasses import asdict
 
-    model = qkv.load(args.model)
+    model = load_model(args, args.model)
     info = {
         "model": args.model,
         "source": getattr(model, "source", None),
@@ -307,13 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (ratios against baselines measured in the same run)",
                        description="Run a benchmark suite and print a table of speedups and peak memory.")
-    b.add_argument("what", choices=["attention", "text", "media", "vision", "train", "generate", "serve"],
+    b.add_argument("what", choices=["attention", "text", "media", "vision", "train", "generate", "serve", "engines"],
                    help="attention: the core vs SDPA/FlexAttention; text: embeddings and decoding; "
                         "media: transcription and ViT; vision: detection, segmentation and captioning forward; "
                         "train: GPT-2-style training steps (these four against the reference libraries); "
                         "generate: continuous batching against requests run one after another, latency at "
                         "1/4/16 concurrent requests, turn-2 prefill with a KV cache; serve: the HTTP server "
-                        "(embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak)")
+                        "(embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak); engines: "
+                        "qkv float32/int8 against CTranslate2 (pip install ctranslate2; --only gpt2)")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
@@ -442,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import vision_tasks as _vision_tasks  # detect, segment, caption
 
     _vision_tasks.add_parsers(sub)
+    for command in sub.choices.values():  # every command that loads --model takes --dtype and --quantize
+        if any("--model" in a.option_strings for a in command._actions):
+            add_precision(command)
     return p
 
 

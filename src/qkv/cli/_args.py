@@ -112,3 +112,31 @@ def report(command: str | None, error: BaseException, as_json: bool, message: st
     else:
         print(f"qkv{' ' + command if command else ''}: {message}", file=sys.stderr)
     return 2
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def add_precision(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` and ``--quantize``, for every command that loads a model with ``--model``."""
+    g = parser.add_argument_group("precision")
+    g.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="load the weights in this dtype (default: as the checkpoint's loader gives them, float32); "
+                        "bfloat16 runs about 2x faster on CPUs with AVX-512 BF16, embeddings cosine >= 0.999")
+    g.add_argument("--quantize", choices=["int8", "int8-weights"], default=None,
+                   help="int8 weights in every linear layer (model.quantize): int8 also quantizes each layer's "
+                        "input per token (fastest); int8-weights keeps inputs in float (closer to float32)")
+
+
+def load_model(args, name):
+    """``qkv.load(name)`` with the command's ``--dtype`` and ``--quantize`` (`add_precision`)."""
+    import torch
+
+    import qkv
+
+    dtype = getattr(args, "dtype", None)
+    model = qkv.load(name, dtype=None if dtype is None else getattr(torch, DTYPES[dtype]))
+    how = getattr(args, "quantize", None)
+    if how is not None:
+        model.quantize("int8", activations="none" if how == "int8-weights" else "dynamic")
+    return model

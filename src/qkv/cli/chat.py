@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-import qkv
 
-from ._args import input_file, report
+from ._args import input_file, load_model, report
 
 COMMANDS = ("/reset", "/exit")
 
@@ -36,7 +35,7 @@ def conversation(args):
     """The `Conversation` the command line asks for."""
     from ..models.conversation import Conversation
 
-    model = qkv.load(args.model)
+    model = load_model(args, args.model)
     if not getattr(model, "continues_prompt", False):
         raise ValueError(f"{args.model} is a {type(model).__name__}; qkv chat needs a causal language model "
                          "(a GPT-2 / Llama style folder, or a qkv train output of task \"lm\" or \"chat\")")

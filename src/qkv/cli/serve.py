@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-import qkv
 
-from ._args import integer
+from ._args import integer, load_model
 
 
 def add_parser(sub) -> None:
@@ -67,7 +66,7 @@ def run(args) -> int:
     models = {}
     for name, path in specs.items():
         print(f"loading {name} from {path} ...", file=sys.stderr, flush=True)
-        models[name] = qkv.load(path)
+        models[name] = load_model(args, path)
     app = create_app(models, api_key=args.api_key or os.environ.get("QKV_API_KEY") or None,
                      max_queue=args.max_queue, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
                      max_input_tokens=args.max_input_tokens, max_tokens_limit=args.max_tokens,

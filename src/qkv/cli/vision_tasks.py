@@ -25,9 +25,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import qkv
 
-from ._args import input_file, integer, number
+from ._args import input_file, integer, load_model, number
 
 _EXPLAIN_SUFFIXES = (".png", ".html", ".htm")
 
@@ -44,7 +43,7 @@ def _images(args) -> list[Path]:
 
 def _load(args, method: str, does: str):
     """``qkv.load(--model)``, refused naming --model unless it has ``method``."""
-    model = qkv.load(args.model)
+    model = load_model(args, args.model)
     if not callable(getattr(model, method, None)):
         raise ValueError(f"--model {args.model} is a {type(model).__name__}, which does not {does}")
     return model
