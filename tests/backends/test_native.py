@@ -109,6 +109,68 @@ def test_auto_picks_it_and_backward_matches():
         torch.testing.assert_close(t.grad.double(), r.grad, atol=1e-4, rtol=1e-4)
 
 
+needs_bf16 = pytest.mark.skipif(
+    not _native.available() or torch.bfloat16 not in _native.dtypes(),
+    reason="the native kernel's bfloat16 path needs a CPU with AVX-512 BF16")
+
+
+@needs_bf16
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_bfloat16_matches_the_float64_reference_of_its_inputs(data):
+    """bfloat16 in and out, float32 accumulation: within bfloat16's rounding of the probabilities and the output."""
+    d = data.draw
+    B, Hkv = d(st.integers(1, 2)), d(st.sampled_from([1, 2]))
+    Hq = Hkv * d(st.sampled_from([1, 2]))
+    Tq, Tk = d(st.integers(1, 90)), d(st.sampled_from([1, 7, 16, 33, 90, 300]))
+    D, Dv = d(st.sampled_from([3, 16, 64, 80])), d(st.sampled_from([5, 16, 24, 64]))
+    q_offset = d(st.integers(-3, Tk + 3))
+    mask = d(interval_masks(B, max(Tq + max(q_offset, 0), Tk, 1), q_offset))
+    g = torch.Generator().manual_seed(d(st.integers(0, 2**31 - 1)))
+    q, k = (torch.randn(B, h, t, D, generator=g).bfloat16() for h, t in ((Hq, Tq), (Hkv, Tk)))
+    v = torch.randn(B, Hkv, Tk, Dv, generator=g).bfloat16()
+    lo, hi = mask.intervals(torch.arange(Tq) + q_offset)
+    out, lse = _native.interval_attention(q, k, v, lo, hi, 0.3)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref, _, ref_lse = reference(q.double(), k.double(), v.double(), scale=0.3, q_offset=q_offset,
+                                mask=mask.materialize(Tq, Tk, batch=B, q_offset=q_offset))
+    torch.testing.assert_close(out.double(), ref, atol=1.5e-2, rtol=1e-2)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    live = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[live], ref_lse[live], atol=1e-4, rtol=1e-5)
+
+
+@needs_bf16
+def test_bfloat16_long_rows_strided_inputs_auto_and_backward():
+    g = torch.Generator().manual_seed(3)
+    T, mask = 700, qkv.masks.sliding_window(600) & qkv.masks.padding([700, 333])
+    x = torch.randn(2, T, 4, 3 * 32, generator=g).bfloat16()  # q, k, v as views of one (B, T, H, 3D) tensor
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in x.split(32, dim=-1))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    call = qkv.functional.prepare(q, k, v, mask=mask)
+    assert qkv.backends.choose(call)[0] == "native"
+    out = qkv.attention(q, k, v, mask=mask)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _, _ = reference(qr, kr, vr, mask=mask.materialize(T, T, batch=2))
+    torch.testing.assert_close(out.double(), ref, atol=1.5e-2, rtol=1e-2)
+    go = torch.randn(out.shape, generator=g).bfloat16()
+    out.backward(go)
+    ref.backward(go.double())
+    for t, r in ((q, qr), (k, kr), (v, vr)):
+        assert t.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=3e-2, rtol=3e-2)
+
+
+@needs_bf16
+def test_bfloat16_non_finite_values_follow_the_rule():
+    """A NaN value outside every row's interval must not reach the rows (the kernel redoes such rows exactly)."""
+    q, k, v = (torch.randn(1, 1, 40, 16).bfloat16() for _ in range(3))
+    v[0, 0, 39] = float("nan")  # only the last row sees key 39 under the causal mask
+    lo, hi = qkv.masks.causal().intervals(torch.arange(40))
+    out, _ = _native.interval_attention(q, k, v, lo, hi, 0.25)
+    assert torch.isnan(out[0, 0, 39]).all() and torch.isfinite(out[0, 0, :39]).all()
+
+
 @needs_kernel
 def test_compiles_as_one_op():
     q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))

@@ -34,7 +34,7 @@ register("eager", eager.eager, takes_call=True, **_EVERYTHING, notes="reference;
 register("chunked", chunked.chunked, takes_call=True, **_EVERYTHING,
          notes="skips empty tiles; O(Tq*tile) memory; weights by a second pass")
 register("native", native.native, takes_call=True, check=native.check, masks=True, weights=True, lse=True,
-         backward=True, dtypes=native.DTYPES, devices=("cpu",),
+         backward=True, dtypes=(*native.DTYPES, ALL_DTYPES[1]), devices=("cpu",),  # bfloat16: AVX-512 BF16 CPUs
          available=lambda: (native.available(), "" if native.available() else native.status()),
          notes="CPU kernel for one key interval per row (causal, windows, documents, padding, prefix-LM); "
                "backward and weights by chunked's tiles")

@@ -7,7 +7,12 @@ first use by `build`) takes blocks of 32 query rows, computes their scores
 over the block's keys with one BLAS GEMM per chunk of at most 512 keys, applies
 the row bounds directly (no mask tensor), runs an online softmax across chunks
 and accumulates the values with a second GEMM straight into the output.
-float32 and float64, grouped-query heads, D != Dv, any strides.
+float32 and float64, grouped-query heads, D != Dv, any strides; and bfloat16
+where the CPU has AVX-512 BF16 (`dtypes()`): inputs and output in bfloat16,
+scores, softmax and accumulation in float32 (the log-sum-exp is float32), the
+two products as register-blocked ``vdpbf16ps`` loops over keys and values
+packed once per call (MKL's bfloat16 GEMM is slower than its float32 one on
+this project's AMD CPU).
 
 Backward is the `chunked` backend's, from the saved output and log-sum-exp (the
 same tiles it would visit); probabilities come from chunked's weights pass.
@@ -23,9 +28,9 @@ from ..chunked import run_for
 from ..chunked import weights as chunked_weights
 from ..kernels import unit_stride
 from ..registry import Call
-from .build import DTYPES, available, interval_attention, status, supports
+from .build import DTYPES, available, dtypes, interval_attention, status, supports
 
-__all__ = ["native", "check", "available", "status", "supports", "interval_attention", "DTYPES"]
+__all__ = ["native", "check", "available", "status", "supports", "interval_attention", "DTYPES", "dtypes"]
 
 
 def check(call: Call) -> str | None:

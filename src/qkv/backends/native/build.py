@@ -105,7 +105,14 @@ def _load() -> dict:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, *([ctypes.c_void_p] * 5), ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double, ctypes.c_int]
-    return {"ok": True, "fn": fn, "gemm": {torch.float32: sgemm, torch.float64: dgemm}, "why": ""}
+    bf16 = lib.qkv_interval_attention_bf16
+    bf16.restype = ctypes.c_int
+    bf16.argtypes = [*([ctypes.c_void_p] * 5), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                     ctypes.c_void_p, ctypes.c_double, ctypes.c_int]
+    has_bf16 = bool(lib.qkv_native_bf16())
+    return {"ok": True, "fn": fn, "fn_bf16": bf16 if has_bf16 else None,
+            "gemm": {torch.float32: sgemm, torch.float64: dgemm}, "why": "",
+            "dtypes": DTYPES + ((torch.bfloat16,) if has_bf16 else ())}
 
 
 def _state() -> dict:
@@ -127,14 +134,19 @@ def status() -> str:
     return "ready" if s["ok"] else s["why"]
 
 
+def dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes this machine's build takes: float32 and float64, and bfloat16 where the CPU has AVX-512 BF16."""
+    return _state().get("dtypes", ())
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the kernel can take these inputs (CPU, float32/64, same dtype); builds it if needed."""
+    """Whether the kernel can take these inputs (CPU, one of `dtypes`, same dtype); builds it if needed."""
     return (
         q.device.type == "cpu"
-        and q.dtype in DTYPES
         and k.dtype == q.dtype
         and v.dtype == q.dtype
         and available()
+        and q.dtype in dtypes()
     )
 
 
@@ -162,17 +174,24 @@ def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: to
     q, k, v = _rows(q), _rows(k), _rows(v)
     lo = lo.to(torch.int64).contiguous()
     hi = hi.to(torch.int64).contiguous()
+    half = q.dtype == torch.bfloat16
     out = torch.empty(B, Tq, Hq, Dv, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(B, Hq, Tq, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32 if half else q.dtype)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
     dims = (ctypes.c_int64 * 7)(B, Hq, Hkv, Tq, Tk, D, Dv)
     strides = (ctypes.c_int64 * 14)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                                     *lse.stride()[:2])
-    rc = s["fn"](int(q.dtype == torch.float64), s["gemm"][q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                 out.data_ptr(), lse.data_ptr(), lo.data_ptr(), hi.data_ptr(), Tq if lo.shape[0] > 1 else 0,
-                 dims, strides, float(scale), torch.get_num_threads())
+    bounds = (lo.data_ptr(), hi.data_ptr(), Tq if lo.shape[0] > 1 else 0, dims, strides, float(scale),
+              torch.get_num_threads())
+    if half:
+        if s.get("fn_bf16") is None:
+            raise RuntimeError("this build of qkv's native kernel has no bfloat16 path (the CPU lacks AVX-512 BF16)")
+        rc = s["fn_bf16"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *bounds)
+    else:
+        rc = s["fn"](int(q.dtype == torch.float64), s["gemm"][q.dtype], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                     out.data_ptr(), lse.data_ptr(), *bounds)
     if rc != 0:
         raise RuntimeError(f"qkv native kernel rejected the call (code {rc}): shapes q {tuple(q.shape)}, "
                            f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -183,4 +202,4 @@ def interval_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: to
 def _(q, k, v, lo, hi, scale):
     B, Hq, Tq = q.shape[:3]
     out = q.new_empty(B, Tq, Hq, v.shape[-1]).transpose(1, 2)
-    return out, q.new_empty(B, Hq, Tq)
+    return out, q.new_empty(B, Hq, Tq, dtype=torch.float32 if q.dtype == torch.bfloat16 else q.dtype)

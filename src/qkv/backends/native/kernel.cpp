@@ -10,6 +10,9 @@
 // output rows. The GEMMs are the BLAS `?gemm_` that PyTorch itself links, passed in
 // as a function pointer; threads come from OpenMP.
 //
+// bfloat16 (interval_attention_bf16, compiled where the target has AVX-512 BF16): the same blocks and
+// online softmax, with its own products (vdpbf16ps) instead of BLAS.
+//
 // Built on first use by qkv.backends.native.build with the host's C++ compiler; plain C++
 // with no PyTorch headers so that the build takes about a second.
 
@@ -244,6 +247,263 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
   }
 }
 
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define QKV_HAS_BF16 1
+
+// bfloat16 inputs, float32 accumulation (AVX-512 BF16: vdpbf16ps multiplies pairs of bf16 and adds to
+// float32 lanes). Same blocks, chunks and online softmax as above; the two products are small register-
+// blocked kernels over packed copies of each key/value chunk ("pairs" layout: element (p, j, 0..1) holds
+// features 2p and 2p+1 of key j, so one 32-bit broadcast of two query features meets 16 keys at once).
+constexpr int64_t BK16 = 256;  // keys per chunk in bf16 (the packed chunk stays in L2)
+
+inline float bf2f(uint16_t x) {
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f2bf(float f) {  // round to nearest even; NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// 16 floats -> 16 bfloat16 (round to nearest even), n <= 16 of them stored.
+inline void store_bf16(const float* src, uint16_t* dst, int64_t n) {
+  const __mmask16 mask = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+  const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, src));
+  _mm256_mask_storeu_epi16(dst, mask, h);
+}
+
+// The products as R x G register tiles (R rows, G vectors of 16 lanes): R * G independent accumulators hide
+// vdpbf16ps's latency, and each packed vector loaded serves R rows.
+template <int R, int G>
+inline void scores_tile(const uint32_t* Qp, int64_t qs, const uint16_t* Kp, int64_t ldk, int64_t pairs, float scale,
+                        float* S, int64_t lds) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh kv[G];
+    for (int g = 0; g < G; ++g) kv[g] = (__m512bh)_mm512_loadu_si512(Kp + (p * ldk + 16 * g) * 2);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qb = (__m512bh)_mm512_set1_epi32(Qp[r * qs + p]);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], qb, kv[g]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(S + r * lds + 16 * g, _mm512_mul_ps(acc[r][g], sc));
+}
+
+// S[i][j] = scale * sum_d Q[i][d] K[j][d] for i < rows, j < W (W a multiple of 16). Kp: keys packed by pairs
+// of features, element (p, j, e) at (p * ldk + j) * 2 + e.
+inline void scores_bf16(const uint32_t* Qp, int64_t qs, const uint16_t* Kp, int64_t ldk, int64_t pairs, int64_t W,
+                        int64_t rows, float scale, float* S, int64_t lds) {
+  int64_t j = 0;
+  for (; j + 64 <= W; j += 64) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) scores_tile<4, 4>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
+    for (; i < rows; ++i) scores_tile<1, 4>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
+  }
+  for (; j < W; j += 16) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) scores_tile<4, 1>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
+    for (; i < rows; ++i) scores_tile<1, 1>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
+  }
+}
+
+template <int R, int G>
+inline void accumulate_tile(const uint32_t* Pp, int64_t kpairs, const uint16_t* Vp, int64_t DV, float* O, int64_t ldo) {
+  __m512 acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_loadu_ps(O + r * ldo + 16 * g);
+  for (int64_t p = 0; p < kpairs; ++p) {
+    __m512bh vv[G];
+    for (int g = 0; g < G; ++g) vv[g] = (__m512bh)_mm512_loadu_si512(Vp + (p * DV + 16 * g) * 2);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(Pp[r * kpairs + p]);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], pb, vv[g]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(O + r * ldo + 16 * g, acc[r][g]);
+}
+
+// O[i][c] += sum_j P[i][j] V[j][c] for i < rows, c < DV (a multiple of 16); Pp: rows of kpairs 32-bit pairs,
+// Vp: V packed by pairs of keys (kpairs x DV x 2).
+inline void accumulate_bf16(const uint32_t* Pp, int64_t kpairs, const uint16_t* Vp, int64_t DV, int64_t rows,
+                            float* O, int64_t ldo) {
+  int64_t c = 0;
+  for (; c + 64 <= DV; c += 64) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) accumulate_tile<4, 4>(Pp + i * kpairs, kpairs, Vp + c * 2, DV, O + i * ldo + c, ldo);
+    for (; i < rows; ++i) accumulate_tile<1, 4>(Pp + i * kpairs, kpairs, Vp + c * 2, DV, O + i * ldo + c, ldo);
+  }
+  for (; c < DV; c += 16) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) accumulate_tile<4, 1>(Pp + i * kpairs, kpairs, Vp + c * 2, DV, O + i * ldo + c, ldo);
+    for (; i < rows; ++i) accumulate_tile<1, 1>(Pp + i * kpairs, kpairs, Vp + c * 2, DV, O + i * ldo + c, ldo);
+  }
+}
+
+// exact_row for bfloat16 inputs: products in float32 from the bf16 values, as the kernel computes them.
+void exact_row_bf16(const uint16_t* q, const uint16_t* K, int64_t k_stride, const uint16_t* V, int64_t v_stride,
+                    int64_t lo, int64_t hi, int64_t D, int64_t Dv, float scale, float m, float l, uint16_t* out) {
+  float o[1024];
+  float* acc = Dv <= 1024 ? o : static_cast<float*>(std::malloc(sizeof(float) * Dv));
+  for (int64_t d = 0; d < Dv; ++d) acc[d] = 0;
+  for (int64_t j = lo; j <= hi; ++j) {
+    const uint16_t* kj = K + j * k_stride;
+    float s = 0;
+    for (int64_t d = 0; d < D; ++d) s += bf2f(q[d]) * bf2f(kj[d]);
+    s *= scale;
+    if (s == -std::numeric_limits<float>::infinity()) continue;
+    const float p = bf2f(f2bf(std::exp(s - m))) / l;
+    const uint16_t* vj = V + j * v_stride;
+    for (int64_t d = 0; d < Dv; ++d) acc[d] += p * bf2f(vj[d]);
+  }
+  float check = 0;
+  for (int64_t d = 0; d < Dv; ++d) check += acc[d] * 0.0f;
+  for (int64_t d = 0; d < Dv; ++d) out[d] = check == 0.0f ? f2bf(acc[d]) : uint16_t(0x7fc0);
+  if (acc != o) std::free(acc);
+}
+
+void interval_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
+                             const int64_t* lo, const int64_t* hi, int64_t bound_batch_stride, const Shape& n,
+                             const Strides& st, float scale, int threads) {
+  const int64_t blocks = (n.Tq + BQ - 1) / BQ;
+  const int64_t items = n.B * n.Hq * blocks;
+  const int64_t group = n.Hq / n.Hkv;
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t qpairs = (n.D + 1) / 2, DV = (n.Dv + 15) / 16 * 16, TK = (n.Tk + 15) / 16 * 16;
+  // Every key and value packed once per call (not once per query block): keys by pairs of features
+  // (qpairs x TK x 2 per head), values by pairs of keys (TK/2 x DV x 2 per head), zero padded.
+  const int64_t kp_head = qpairs * TK * 2, vp_head = (TK / 2) * DV * 2, heads = n.B * n.Hkv;
+  uint16_t* KP = static_cast<uint16_t*>(std::calloc(heads * kp_head, sizeof(uint16_t)));
+  uint16_t* VP = static_cast<uint16_t*>(std::calloc(heads * vp_head, sizeof(uint16_t)));
+  const int64_t tiles = (n.Tk + 63) / 64;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < heads * tiles; ++t) {
+      const int64_t bh = t / tiles, j0 = (t % tiles) * 64, j1 = std::min(j0 + 64, n.Tk);
+      const int64_t b = bh / n.Hkv, hk = bh % n.Hkv;
+      uint16_t* kp = KP + bh * kp_head;
+      uint16_t* vp = VP + bh * vp_head;
+      for (int64_t j = j0; j < j1; ++j) {
+        const uint16_t* kr = k + b * st.k[0] + hk * st.k[1] + j * st.k[2];
+        for (int64_t d = 0; d < n.D; ++d) kp[((d >> 1) * TK + j) * 2 + (d & 1)] = kr[d];
+        const uint16_t* vr = v + b * st.v[0] + hk * st.v[1] + j * st.v[2];
+        uint16_t* dst = vp + (j >> 1) * DV * 2 + (j & 1);
+        for (int64_t c = 0; c < n.Dv; ++c) dst[c * 2] = vr[c];
+      }
+    }
+    float* S = static_cast<float*>(std::malloc(sizeof(float) * BQ * BK16));
+    uint32_t* Qp = static_cast<uint32_t*>(std::malloc(sizeof(uint32_t) * BQ * qpairs));
+    uint32_t* Pp = static_cast<uint32_t*>(std::malloc(sizeof(uint32_t) * BQ * (BK16 / 2)));
+    float* O = static_cast<float*>(std::malloc(sizeof(float) * BQ * DV));
+    float m[BQ], l[BQ];
+    int64_t rlo[BQ], rhi[BQ];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t blk = it % blocks, bh = it / blocks, h = bh % n.Hq, b = bh / n.Hq, hk = h / group;
+      const int64_t r0 = blk * BQ, rows = std::min(BQ, n.Tq - r0);
+      const int64_t* LO = lo + b * bound_batch_stride + r0;
+      const int64_t* HI = hi + b * bound_batch_stride + r0;
+      int64_t kmin = n.Tk, kmax = -1;
+      for (int64_t i = 0; i < rows; ++i) {
+        rlo[i] = std::max<int64_t>(LO[i], 0);
+        rhi[i] = std::min<int64_t>(HI[i], n.Tk - 1);
+        if (rlo[i] <= rhi[i]) {
+          kmin = std::min(kmin, rlo[i]);
+          kmax = std::max(kmax, rhi[i]);
+        }
+        m[i] = -inf;
+        l[i] = 0;
+      }
+      const uint16_t* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
+      uint16_t* OUT = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
+      float* L = lse + b * st.l[0] + h * st.l[1] + r0;
+      const uint16_t* kp = KP + (b * n.Hkv + hk) * kp_head;
+      const uint16_t* vp = VP + (b * n.Hkv + hk) * vp_head;
+      std::memset(O, 0, sizeof(float) * BQ * DV);
+      for (int64_t i = 0; i < rows; ++i) {  // the block's queries as 32-bit pairs (an odd D padded with 0)
+        uint16_t* dst = reinterpret_cast<uint16_t*>(Qp + i * qpairs);
+        std::memcpy(dst, Q + i * st.q[2], sizeof(uint16_t) * n.D);
+        if (n.D & 1) dst[n.D] = 0;
+      }
+      // chunks start on a multiple of 16 keys (the packed layout's vectors); keys before kmin are masked
+      for (int64_t c0 = kmax < kmin ? kmax + 1 : kmin / 16 * 16; c0 <= kmax; c0 += BK16) {
+        const int64_t c1 = std::min(c0 + BK16, kmax + 1), w = c1 - c0, W = (w + 15) / 16 * 16;
+        scores_bf16(Qp, qpairs, kp + c0 * 2, TK, qpairs, W, rows, scale, S, BK16);
+        const int64_t kpairs = (w + 1) / 2;
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s = S + i * BK16;
+          const int64_t a = std::max(rlo[i], c0) - c0, e = std::min(rhi[i], c1 - 1) - c0 + 1;
+          uint16_t* p16 = reinterpret_cast<uint16_t*>(Pp + i * kpairs);
+          if (e <= a) {  // this row sees nothing in the chunk: it keeps its state
+            std::memset(p16, 0, sizeof(uint32_t) * kpairs);
+            continue;
+          }
+          const float mnew = std::max(m[i], row_max(s, a, e));
+          const float alpha = m[i] == -inf ? 0.0f : exp_nonpos(m[i] - mnew);
+          l[i] = l[i] * alpha + exp_row(s, w, a, e, mnew == -inf ? 0.0f : mnew);
+          m[i] = mnew;
+          if (alpha != 1.0f) {
+            float* o = O + i * DV;
+#pragma omp simd
+            for (int64_t d = 0; d < DV; ++d) o[d] *= alpha;
+          }
+          for (int64_t j = 0; j < w; j += 16) store_bf16(s + j, p16 + j, std::min<int64_t>(16, w - j));
+          if (w & 1) p16[w] = 0;
+        }
+        accumulate_bf16(Pp, kpairs, vp + (c0 / 2) * DV * 2, DV, rows, O, DV);
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        uint16_t* o16 = OUT + i * st.o[2];
+        float* o = O + i * DV;
+        if (m[i] == -inf && l[i] == 0.0f) {  // no key reaches the row
+          std::memset(o16, 0, sizeof(uint16_t) * n.Dv);
+          L[i] = -inf;
+          continue;
+        }
+        if (!(l[i] == l[i])) {  // a NaN or +inf score reaches the row
+          for (int64_t d = 0; d < n.Dv; ++d) o16[d] = 0x7fc0;
+          L[i] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        const float f = 1.0f / l[i];
+        float check = 0;  // NaN iff some output is not finite
+#pragma omp simd reduction(+ : check)
+        for (int64_t d = 0; d < n.Dv; ++d) {
+          o[d] *= f;
+          check += o[d] * 0.0f;
+        }
+        for (int64_t d = 0; d < n.Dv; d += 16) store_bf16(o + d, o16 + d, std::min<int64_t>(16, n.Dv - d));
+        L[i] = m[i] + std::log(l[i]);
+        if (!(check == 0.0f)) {  // a non-finite value, maybe of a key outside the row (0 * NaN): redo exactly
+          const uint16_t* K = k + b * st.k[0] + hk * st.k[1];
+          const uint16_t* V = v + b * st.v[0] + hk * st.v[1];
+          exact_row_bf16(Q + i * st.q[2], K, st.k[2], V, st.v[2], rlo[i], rhi[i], n.D, n.Dv, scale, m[i], l[i], o16);
+        }
+      }
+    }
+    std::free(S);
+    std::free(Qp);
+    std::free(Pp);
+    std::free(O);
+  }
+  std::free(KP);
+  std::free(VP);
+}
+#else
+#define QKV_HAS_BF16 0
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -272,6 +532,34 @@ int qkv_interval_attention(int is_double, void* gemm, const void* q, const void*
                               static_cast<float*>(lse), lo, hi, bound_batch_stride, n, st, (float)scale, threads);
   }
   return 0;
+}
+
+// 1 when this build has the bfloat16 kernel (the compiler targeted AVX-512 BF16).
+int qkv_native_bf16() { return QKV_HAS_BF16; }
+
+// bfloat16 q, k, v and out (as uint16), float32 lse; the rest as qkv_interval_attention. Returns 0 on success,
+// 3 when the build has no bfloat16 kernel.
+int qkv_interval_attention_bf16(const void* q, const void* k, const void* v, void* out, void* lse, const int64_t* lo,
+                                const int64_t* hi, int64_t bound_batch_stride, const int64_t* dims,
+                                const int64_t* strides, double scale, int threads) {
+#if QKV_HAS_BF16
+  Shape n{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  if (n.Hkv <= 0 || n.Hq % n.Hkv != 0 || n.D <= 0 || n.Dv <= 0) return 1;
+  Strides st;
+  std::memcpy(st.q, strides + 0, sizeof(int64_t) * 3);
+  std::memcpy(st.k, strides + 3, sizeof(int64_t) * 3);
+  std::memcpy(st.v, strides + 6, sizeof(int64_t) * 3);
+  std::memcpy(st.o, strides + 9, sizeof(int64_t) * 3);
+  std::memcpy(st.l, strides + 12, sizeof(int64_t) * 2);
+  interval_attention_bf16(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
+                          static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), static_cast<float*>(lse), lo,
+                          hi, bound_batch_stride, n, st, (float)scale, threads);
+  return 0;
+#else
+  (void)q, (void)k, (void)v, (void)out, (void)lse, (void)lo, (void)hi, (void)bound_batch_stride, (void)dims,
+      (void)strides, (void)scale, (void)threads;
+  return 3;
+#endif
 }
 
 }  // extern "C"
