@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "generate: continuous batching against requests run one after another, latency at "
                         "1/4/16 concurrent requests, turn-2 prefill with a KV cache; serve: the HTTP server "
                         "(embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak); engines: "
-                        "qkv float32/int8 against CTranslate2 (pip install ctranslate2; --only gpt2)")
+                        "qkv float32/bfloat16/int8 against CTranslate2 and ONNX Runtime (pip install ctranslate2 "
+                        "onnxruntime onnx onnxscript; --only gpt2|minilm|whisper)")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")
