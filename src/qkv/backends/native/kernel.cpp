@@ -504,6 +504,18 @@ void interval_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_
 #define QKV_HAS_BF16 0
 #endif
 
+// The entry points' dims (B, Hq, Hkv, Tq, Tk, D, Dv) and strides; false for shapes the kernels refuse.
+bool unpack(const int64_t* dims, const int64_t* strides, Shape& n, Strides& st) {
+  n = Shape{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
+  if (n.Hkv <= 0 || n.Hq % n.Hkv != 0 || n.D <= 0 || n.Dv <= 0) return false;
+  std::memcpy(st.q, strides + 0, sizeof(int64_t) * 3);
+  std::memcpy(st.k, strides + 3, sizeof(int64_t) * 3);
+  std::memcpy(st.v, strides + 6, sizeof(int64_t) * 3);
+  std::memcpy(st.o, strides + 9, sizeof(int64_t) * 3);
+  std::memcpy(st.l, strides + 12, sizeof(int64_t) * 2);
+  return true;
+}
+
 }  // namespace
 
 extern "C" {
@@ -513,14 +525,9 @@ extern "C" {
 int qkv_interval_attention(int is_double, void* gemm, const void* q, const void* k, const void* v, void* out,
                            void* lse, const int64_t* lo, const int64_t* hi, int64_t bound_batch_stride,
                            const int64_t* dims, const int64_t* strides, double scale, int threads) {
-  Shape n{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
-  if (n.Hkv <= 0 || n.Hq % n.Hkv != 0 || n.D <= 0 || n.Dv <= 0) return 1;
+  Shape n;
   Strides st;
-  std::memcpy(st.q, strides + 0, sizeof(int64_t) * 3);
-  std::memcpy(st.k, strides + 3, sizeof(int64_t) * 3);
-  std::memcpy(st.v, strides + 6, sizeof(int64_t) * 3);
-  std::memcpy(st.o, strides + 9, sizeof(int64_t) * 3);
-  std::memcpy(st.l, strides + 12, sizeof(int64_t) * 2);
+  if (!unpack(dims, strides, n, st)) return 1;
   if (is_double) {
     interval_attention<double>(Gemm<double>{reinterpret_cast<dgemm_t>(gemm)}, static_cast<const double*>(q),
                                static_cast<const double*>(k), static_cast<const double*>(v),
@@ -543,14 +550,9 @@ int qkv_interval_attention_bf16(const void* q, const void* k, const void* v, voi
                                 const int64_t* hi, int64_t bound_batch_stride, const int64_t* dims,
                                 const int64_t* strides, double scale, int threads) {
 #if QKV_HAS_BF16
-  Shape n{dims[0], dims[1], dims[2], dims[3], dims[4], dims[5], dims[6]};
-  if (n.Hkv <= 0 || n.Hq % n.Hkv != 0 || n.D <= 0 || n.Dv <= 0) return 1;
+  Shape n;
   Strides st;
-  std::memcpy(st.q, strides + 0, sizeof(int64_t) * 3);
-  std::memcpy(st.k, strides + 3, sizeof(int64_t) * 3);
-  std::memcpy(st.v, strides + 6, sizeof(int64_t) * 3);
-  std::memcpy(st.o, strides + 9, sizeof(int64_t) * 3);
-  std::memcpy(st.l, strides + 12, sizeof(int64_t) * 2);
+  if (!unpack(dims, strides, n, st)) return 1;
   interval_attention_bf16(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
                           static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), static_cast<float*>(lse), lo,
                           hi, bound_batch_stride, n, st, (float)scale, threads);
