@@ -24,49 +24,38 @@ from ._args import (
 
 
 def _cmd_bench(args) -> int:
+    import importlib
+
     from . import bench
 
     progress = None if args.json else (lambda s: print(f"  {s} ...", file=sys.stderr, flush=True))
-    if args.what == "generate":  # qkv's own engine against its own sequential decoding: no extras needed
-        from . import bench_generate as suite
-
-        result = suite.run(quick=args.quick, repeat=args.repeat, progress=progress)
-        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
-        return 0
-    if args.what == "serve":  # the HTTP server in a child process; the one-at-a-time baseline needs the test extras
-        from . import bench_serve as suite
-
-        result = suite.run(quick=args.quick, repeat=args.repeat, soak_seconds=args.soak_seconds, only=args.only,
-                           progress=progress)
-        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
-        return 0
-    if args.what == "engines":  # CTranslate2 / ONNX Runtime, optional: a missing engine skips its rows
-        from . import bench_engines as suite
-
-        result = suite.run(quick=args.quick, repeat=args.repeat, only=args.only, progress=progress)
-        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
-        return 0
-    if args.what in ("text", "media", "vision", "train"):
+    if args.what in ("text", "media", "vision", "train"):  # against transformers: the test extras
         try:
-            import importlib
-
             suite = importlib.import_module(f"qkv.cli.bench_{args.what}")
             import transformers  # noqa: F401
         except ImportError as e:
             print(f"qkv bench {args.what} needs the test extras: pip install -e '.[test]' ({e})", file=sys.stderr)
             return 2
         result = suite.run(repeat=args.repeat or 3, progress=progress)
-        print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
-        return 0
-    result = bench.run(quick=args.quick, repeat=args.repeat, memory=not args.no_memory, only=args.only,
-                       progress=progress)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        env = result["env"]
-        print(f"qkv {env['qkv']} | torch {env['torch']} | {env['threads']} threads | {env['cpu']}")
-        print("fp32, B=1, H=8, D=64; speedup = baseline time / qkv time, measured interleaved in one process\n")
-        print(bench.format_table(result, markdown=args.markdown))
+    elif args.what == "generate":  # qkv's own engine against its own sequential decoding: no extras needed
+        suite = importlib.import_module("qkv.cli.bench_generate")
+        result = suite.run(quick=args.quick, repeat=args.repeat, progress=progress)
+    elif args.what == "serve":  # the HTTP server in a child process; the one-at-a-time baseline needs the test extras
+        suite = importlib.import_module("qkv.cli.bench_serve")
+        result = suite.run(quick=args.quick, repeat=args.repeat, soak_seconds=args.soak_seconds, only=args.only,
+                           progress=progress)
+    elif args.what == "engines":  # CTranslate2 / ONNX Runtime, optional: a missing engine skips its rows
+        suite = importlib.import_module("qkv.cli.bench_engines")
+        result = suite.run(quick=args.quick, repeat=args.repeat, only=args.only, progress=progress)
+    else:  # attention: the core against SDPA and FlexAttention
+        result = bench.run(quick=args.quick, repeat=args.repeat, memory=not args.no_memory, only=args.only,
+                           progress=progress)
+        if not args.json:
+            env = result["env"]
+            print(f"qkv {env['qkv']} | torch {env['torch']} | {env['threads']} threads | {env['cpu']}")
+            print("fp32, B=1, H=8, D=64; speedup = baseline time / qkv time, measured interleaved in one process\n")
+        suite = bench
+    print(json.dumps(result, indent=2) if args.json else suite.format_table(result, markdown=args.markdown))
     return 0
 
 
@@ -331,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "generate: continuous batching against requests run one after another, latency at "
                         "1/4/16 concurrent requests, turn-2 prefill with a KV cache; serve: the HTTP server "
                         "(embeddings, attention, streaming chat, a soak; --only embeddings|chat|soak); engines: "
-                        "qkv float32/bfloat16/int8 against CTranslate2 and ONNX Runtime (pip install ctranslate2 "
-                        "onnxruntime onnx onnxscript; --only gpt2|minilm|whisper)")
+                        "qkv float32/bfloat16/int8 against CTranslate2 and ONNX Runtime (pip install -e "
+                        "'.[engines]'; --only gpt2|minilm|whisper)")
     b.add_argument("--quick", action="store_true", help="a short subset (under a minute on 2 cores)")
     b.add_argument("--repeat", type=integer(1, 1000), default=None, help="timed repetitions per case (median is reported)")
     b.add_argument("--only", default=None, help="only cases whose name contains this text")

@@ -87,8 +87,8 @@ class Model(nn.Module):
     def quantize(self, mode: str = "int8", *, activations: str = "dynamic", skip: tuple[str, ...] = ()) -> Model:
         """int8 weights (one scale per output row) in every linear layer, for CPU inference; in place.
 
-        ``activations="dynamic"`` also quantizes each layer's input per call (FBGEMM int8 products, the
-        fastest); ``"none"`` keeps inputs in float (weight-only, closer to float32). ``skip``: module
+        ``activations="dynamic"`` also quantizes each layer's input, one scale per row, and multiplies in
+        int8 (the fastest); ``"none"`` keeps inputs in float (weight-only, closer to float32). ``skip``: module
         names to keep in float. Embeddings, norms and convolutions stay float. See `qkv.nn.quantized`.
         """
         from ..nn.quantized import quantize

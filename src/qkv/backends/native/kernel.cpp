@@ -132,6 +132,26 @@ struct Strides {  // in elements: batch, head, row (the feature stride is 1)
   int64_t q[3], k[3], v[3], o[3], l[2];
 };
 
+// A block's rows' key ranges clipped to [0, Tk) (into rlo/hi), the union [kmin, kmax] of the non-empty ones
+// (kmax < kmin: none) and the range [common_lo, common_hi] every row sees.
+struct Bounds {
+  int64_t kmin, kmax, common_lo, common_hi;
+};
+inline Bounds block_bounds(const int64_t* LO, const int64_t* HI, int64_t rows, int64_t Tk, int64_t* rlo, int64_t* rhi) {
+  Bounds r{Tk, -1, 0, Tk - 1};
+  for (int64_t i = 0; i < rows; ++i) {
+    rlo[i] = std::max<int64_t>(LO[i], 0);
+    rhi[i] = std::min<int64_t>(HI[i], Tk - 1);
+    r.common_lo = std::max(r.common_lo, rlo[i]);
+    r.common_hi = std::min(r.common_hi, rhi[i]);
+    if (rlo[i] <= rhi[i]) {
+      r.kmin = std::min(r.kmin, rlo[i]);
+      r.kmax = std::max(r.kmax, rhi[i]);
+    }
+  }
+  return r;
+}
+
 template <typename T>
 void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v, T* out, T* lse, const int64_t* lo,
                         const int64_t* hi, int64_t bound_batch_stride, const Shape& n, const Strides& st, T scale,
@@ -149,19 +169,9 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it % blocks, bh = it / blocks, h = bh % n.Hq, b = bh / n.Hq, hk = h / group;
       const int64_t r0 = blk * BQ, rows = std::min(BQ, n.Tq - r0);
-      const int64_t* LO = lo + b * bound_batch_stride + r0;
-      const int64_t* HI = hi + b * bound_batch_stride + r0;
-      int64_t kmin = n.Tk, kmax = -1, common_lo = 0, common_hi = n.Tk - 1;
-      for (int64_t i = 0; i < rows; ++i) {
-        rlo[i] = std::max<int64_t>(LO[i], 0);
-        rhi[i] = std::min<int64_t>(HI[i], n.Tk - 1);
-        common_lo = std::max(common_lo, rlo[i]);
-        common_hi = std::min(common_hi, rhi[i]);
-        if (rlo[i] <= rhi[i]) {
-          kmin = std::min(kmin, rlo[i]);
-          kmax = std::max(kmax, rhi[i]);
-        }
-      }
+      const Bounds kb = block_bounds(lo + b * bound_batch_stride + r0, hi + b * bound_batch_stride + r0, rows, n.Tk,
+                                     rlo, rhi);
+      const int64_t kmin = kb.kmin, kmax = kb.kmax, common_lo = kb.common_lo, common_hi = kb.common_hi;
       const T* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
       T* O = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
       T* L = lse + b * st.l[0] + h * st.l[1] + r0;
@@ -306,12 +316,14 @@ inline void scores_bf16(const uint32_t* Qp, int64_t qs, const uint16_t* Kp, int6
   int64_t j = 0;
   for (; j + 64 <= W; j += 64) {
     int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) scores_tile<4, 4>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
+    for (; i + 4 <= rows; i += 4)
+      scores_tile<4, 4>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
     for (; i < rows; ++i) scores_tile<1, 4>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
   }
   for (; j < W; j += 16) {
     int64_t i = 0;
-    for (; i + 4 <= rows; i += 4) scores_tile<4, 1>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
+    for (; i + 4 <= rows; i += 4)
+      scores_tile<4, 1>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
     for (; i < rows; ++i) scores_tile<1, 1>(Qp + i * qs, qs, Kp + j * 2, ldk, pairs, scale, S + i * lds + j, lds);
   }
 }
@@ -412,16 +424,10 @@ void interval_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it % blocks, bh = it / blocks, h = bh % n.Hq, b = bh / n.Hq, hk = h / group;
       const int64_t r0 = blk * BQ, rows = std::min(BQ, n.Tq - r0);
-      const int64_t* LO = lo + b * bound_batch_stride + r0;
-      const int64_t* HI = hi + b * bound_batch_stride + r0;
-      int64_t kmin = n.Tk, kmax = -1;
+      const Bounds kb = block_bounds(lo + b * bound_batch_stride + r0, hi + b * bound_batch_stride + r0, rows, n.Tk,
+                                     rlo, rhi);
+      const int64_t kmin = kb.kmin, kmax = kb.kmax;
       for (int64_t i = 0; i < rows; ++i) {
-        rlo[i] = std::max<int64_t>(LO[i], 0);
-        rhi[i] = std::min<int64_t>(HI[i], n.Tk - 1);
-        if (rlo[i] <= rhi[i]) {
-          kmin = std::min(kmin, rlo[i]);
-          kmax = std::max(kmax, rhi[i]);
-        }
         m[i] = -inf;
         l[i] = 0;
       }
