@@ -109,6 +109,120 @@ def test_auto_picks_it_and_backward_matches():
         torch.testing.assert_close(t.grad.double(), r.grad, atol=1e-4, rtol=1e-4)
 
 
+@st.composite
+def union_masks(draw, B, Hq, n, q_offset):
+    """Masks whose rows see a union of a few key intervals (and, mixed in, single-interval ones)."""
+    m = qkv.masks
+    kind = draw(st.sampled_from(["longformer", "block_sparse", "block_sparse_heads", "not_window", "or", "and"]))
+    if kind == "longformer":
+        left = draw(st.integers(0, 20))
+        glob = draw(st.lists(st.integers(0, n - 1), min_size=0, max_size=5))
+        return m.sliding_window(left, draw(st.sampled_from([0, left]))) | m.global_tokens(glob)
+    if kind in ("block_sparse", "block_sparse_heads"):
+        bs = draw(st.sampled_from([1, 3, 8, 16]))
+        nb = -(-max(n, q_offset + 1 if q_offset > 0 else 1) // bs) + 1
+        lead = (B, Hq) if kind == "block_sparse_heads" else ()
+        seed = draw(st.integers(0, 2**31 - 1))
+        density = draw(st.sampled_from([0.1, 0.4]))
+        layout = torch.rand(*lead, nb, nb, generator=torch.Generator().manual_seed(seed)) < density
+        return m.block_sparse(layout, bs) & m.causal() if draw(st.booleans()) else m.block_sparse(layout, bs)
+    if kind == "not_window":
+        return ~m.sliding_window(draw(st.integers(0, 10)), draw(st.integers(0, 10)))
+    if kind == "or":
+        return m.prefix_lm(draw(st.integers(0, n))) | m.sliding_window(draw(st.integers(0, 8)))
+    glob = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=3))
+    return (m.causal() | m.global_tokens(glob)) & m.padding(draw(st.lists(st.integers(0, n), min_size=B, max_size=B)))
+
+
+@needs_kernel
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_interval_unions_forward_and_backward_match_reference(data):
+    """Window | global tokens, block-sparse layouts (per head too), complements and mixtures: out, lse and
+    the gradients of q, k, v (through out and through lse) against the float64 reference."""
+    d = data.draw
+    B, Hkv = d(st.integers(1, 2)), d(st.sampled_from([1, 2]))
+    Hq = Hkv * d(st.sampled_from([1, 2]))
+    Tq, Tk = d(st.integers(1, 80)), d(st.integers(1, 140))
+    D, Dv = d(st.sampled_from([4, 16, 32])), d(st.sampled_from([8, 16, 24]))
+    q_offset = d(st.integers(0, 10))
+    dtype = d(st.sampled_from([torch.float32, torch.float64]))
+    mask = d(union_masks(B, Hq, max(Tq + q_offset, Tk), q_offset))
+    g = torch.Generator().manual_seed(d(st.integers(0, 2**31 - 1)))
+    q = torch.randn(B, Hq, Tq, D, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Hkv, Tk, D, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Hkv, Tk, Dv, generator=g, dtype=dtype, requires_grad=True)
+    call = qkv.functional.prepare(q, k, v, mask=mask, q_offset=q_offset)
+    assert _native.check(call) is None, _native.check(call)
+    out, lse = qkv.attention(q, k, v, mask=mask, q_offset=q_offset, backend="native", return_lse=True)
+    dense = mask.materialize(Tq, Tk, batch=B, heads=Hq, q_offset=q_offset)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _, ref_lse = reference(qr, kr, vr, mask=dense, q_offset=q_offset)
+    tol = 1e-10 if dtype == torch.float64 else 3e-5
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    live = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[live], ref_lse[live], atol=tol, rtol=tol)
+    go = torch.randn(out.shape, generator=g, dtype=dtype)
+    gl = torch.randn(lse.shape, generator=g, dtype=dtype) * live
+    ((out * go).sum() + (lse.masked_fill(~live, 0) * gl).sum()).backward()
+    ((ref * go.double()).sum() + (ref_lse.masked_fill(~live, 0) * gl.double()).sum()).backward()
+    gtol = 1e-9 if dtype == torch.float64 else 2e-4
+    for t, r in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=gtol, rtol=gtol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["longformer", "block_sparse"])
+def test_auto_picks_it_for_unions_on_long_rows(name):
+    """Rows over several 512-key chunks with pieces of several ranges; strided (B, T, H, D) views; auto picks
+    native; forward and backward match the float64 reference."""
+    m, T = qkv.masks, 1500
+    if name == "longformer":
+        mask = m.sliding_window(300, 300) | m.global_tokens([0, 1, 2, 3, 700])
+    else:
+        layout = torch.rand(12, 12, generator=torch.Generator().manual_seed(0)) < 0.3
+        layout |= torch.eye(12, dtype=torch.bool)
+        mask = m.block_sparse(layout, 128)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, T, 4, 32, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    call = qkv.functional.prepare(q, k, v, mask=mask)
+    assert qkv.backends.choose(call)[0] == "native"
+    out = qkv.attention(q, k, v, mask=mask)
+    go = torch.randn(out.shape, generator=g)
+    out.backward(go)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _, _ = reference(qr, kr, vr, mask=mask.materialize(T, T))
+    ref.backward(go.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    for t, r in ((q, qr), (k, kr), (v, vr)):
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=2e-4, rtol=2e-4)
+
+
+@needs_kernel
+def test_backward_spreads_few_heads_over_the_threads():
+    """One kv head and several threads: units share the head's query blocks and add dK/dV into scratch copies
+    (summed at the end); the result equals a one-thread run."""
+    g = torch.Generator().manual_seed(4)
+    T = 700
+    q = torch.randn(1, 2, T, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 1, T, 16, generator=g, requires_grad=True) for _ in range(2))
+    mask = qkv.masks.causal()
+    grads = []
+    threads = torch.get_num_threads()
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        try:
+            qkv.attention(q, k, v, mask=mask, backend="native").sum().backward()
+        finally:
+            torch.set_num_threads(threads)
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 needs_bf16 = pytest.mark.skipif(
     not _native.available() or torch.bfloat16 not in _native.dtypes(),
     reason="the native kernel's bfloat16 path needs a CPU with AVX-512 BF16")

@@ -216,3 +216,44 @@ def test_zero_width_windows_are_valid(left, right):
     ref = qkv.attention(qq, kk, vv, mask=m, q_offset=2, backend="eager")
     for backend in ("chunked", "sdpa", "auto"):
         torch.testing.assert_close(qkv.attention(qq, kk, vv, mask=m, q_offset=2, backend=backend), ref)
+
+
+def _sets_dense(mask, Tq, Tk, B, H, off):
+    """The mask's `interval_sets` as a dense (B, H, Tq, Tk) bool tensor, or None."""
+    mask = mask.bind(off)
+    sets = mask.interval_sets(torch.arange(Tq) + off)
+    if sets is None:
+        return None
+    lo, hi = sets
+    assert lo.dim() == 4 and lo.shape == hi.shape and lo.shape[2] == Tq and lo.dtype == torch.int64
+    k = torch.arange(Tk)
+    return ((k >= lo[..., None]) & (k <= hi[..., None])).any(-2).expand(B, H, Tq, Tk)
+
+
+@given(st.data())
+def test_interval_sets_are_exact(data):
+    """Wherever a mask offers interval sets (primitives, &, |, ~ of them), they say exactly what it says."""
+    B, H = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))
+    Tq, Tk = data.draw(st.integers(1, 30)), data.draw(st.integers(1, 30))
+    off = data.draw(st.integers(-3, 10))
+    mask = data.draw(masks(B, H, Tq, Tk, off))
+    if mask is None:
+        return
+    mask = qkv.masks.as_mask(mask)
+    got = _sets_dense(mask, Tq, Tk, B, H, off)
+    if got is not None:
+        assert torch.equal(got, mask.materialize(Tq, Tk, batch=B, heads=H, q_offset=off))
+
+
+def test_interval_sets_cover_the_structured_unions():
+    m = qkv.masks
+    layout = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0)) < 0.4
+    union = [m.sliding_window(4, 4) | m.global_tokens([0, 1, 9]), m.block_sparse(layout, 5) & m.causal(),
+             ~m.sliding_window(3), m.prefix_lm(7) | m.sliding_window(2), m.global_tokens([])]
+    for mask in union:
+        got = _sets_dense(mask, 30, 30, 2, 3, 0)
+        assert got is not None, mask
+        assert torch.equal(got, mask.materialize(30, 30, batch=2, heads=3, q_offset=0)), mask
+    assert m.strided(3).interval_sets(torch.arange(8)) is None  # not a few intervals per row
+    many = m.global_tokens(list(range(0, 2 * (qkv.masks.MAX_INTERVALS + 1), 2)))  # more runs than the cap
+    assert many.interval_sets(torch.arange(8)) is None

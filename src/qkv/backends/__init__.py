@@ -36,8 +36,8 @@ register("chunked", chunked.chunked, takes_call=True, **_EVERYTHING,
 register("native", native.native, takes_call=True, check=native.check, masks=True, weights=True, lse=True,
          backward=True, dtypes=(*native.DTYPES, ALL_DTYPES[1]), devices=("cpu",),  # bfloat16: AVX-512 BF16 CPUs
          available=lambda: (native.available(), "" if native.available() else native.status()),
-         notes="CPU kernel for one key interval per row (causal, windows, documents, padding, prefix-LM); "
-               "backward and weights by chunked's tiles")
+         notes="CPU kernel for a few key intervals per row (causal, windows, documents, padding, prefix-LM, "
+               "window | global tokens, block-sparse), forward and backward; weights by chunked's tiles")
 register("sdpa", sdpa.sdpa, takes_call=True, bias=True, dropout=True, backward=True,
          notes="torch SDPA; structured masks are materialised")
 register(
@@ -64,7 +64,7 @@ def choose(call: Call) -> tuple[str, Call]:
     structure: SDPA serves dense and aligned-causal calls (its fused kernels are
     the fastest there); masks that leave tiles empty (work is skipped), long rows
     whose dense mask would not fit, weights, log-sum-exp and score mods are
-    tiled, by `native` where the mask gives one key interval per row and the call
+    tiled, by `native` where the mask gives a few key intervals per row and the call
     has no score mod, bias or dropout, else by `chunked`; `eager` serves tiny
     calls with extras. A mask whose plan shows every key visible is dropped.
     """

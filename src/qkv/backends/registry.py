@@ -101,6 +101,14 @@ class Call:
             return lo, lo + self.k.shape[2] - 1
         return self.mask.intervals(self.q_pos)
 
+    @cached_property
+    def interval_sets(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row visible keys as unions of intervals ``(lo, hi)`` (B', H', Tq, R) (`Mask.interval_sets`), or None."""
+        if self.intervals is not None:
+            lo, hi = self.intervals
+            return lo[:, None, :, None], hi[:, None, :, None]
+        return self.mask.interval_sets(self.q_pos)
+
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mask -> {key: plan}, for cacheable masks
 

@@ -24,6 +24,7 @@ import torch
 from ._base import (
     EMPTY,
     FULL,
+    MAX_INTERVALS,
     PARTIAL,
     UNBOUNDED,
     And,
@@ -51,7 +52,8 @@ from ._library import (
 )
 
 __all__ = [
-    "Mask", "EMPTY", "PARTIAL", "FULL", "UNBOUNDED", "as_mask", "Grid", "index_grid", "evaluate", "call_indexed",
+    "Mask", "EMPTY", "PARTIAL", "FULL", "UNBOUNDED", "MAX_INTERVALS", "as_mask", "Grid", "index_grid", "evaluate",
+    "call_indexed",
     "And", "Or", "Not", "FunctionMask", "TensorMask",
     "causal", "sliding_window", "padding", "document", "prefix_lm", "global_tokens",
     "strided", "block_sparse", "from_tensor", "from_function", "key_padding",

@@ -20,6 +20,11 @@ is overridden where a mask can say more, which is what lets a backend skip work:
   prefix-LM, their intersections), the bounds per query row, each (B', Tq).
   Tile states and per-tile key ranges then follow exactly in ``O(Tq + tiles)``,
   and the native kernel needs no mask tensor at all.
+- ``interval_sets(q_pos) -> (lo, hi) | None``: for masks where each query sees
+  the union of a few key intervals (window | global tokens, block-sparse
+  layouts, and the masks of ``intervals``), the bounds per row, each
+  (B', H', Tq, R) int64, empty slots with ``lo > hi``. The native kernel takes
+  them as they are; `MAX_INTERVALS` bounds R.
 - ``tile_states(grid) -> (B', H', nQ, nK) int8``: EMPTY / PARTIAL / FULL per
   tile of a `Grid`, exact or conservative (never wrongly EMPTY or FULL). The
   default derives them from ``intervals`` or evaluates the predicate.
@@ -45,6 +50,19 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 """Tile states. Ordered so that AND is ``min``, OR is ``max`` and NOT is ``2 - s``."""
 
 UNBOUNDED = 1 << 62  # "no bound" in interval bounds; still safe to add small offsets to
+MAX_INTERVALS = 64  # interval_sets with more intervals per row than this are not offered (None)
+
+
+def as_sets(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One interval per row, (B', Tq) bounds, as interval sets (B', 1, Tq, 1)."""
+    return lo[:, None, :, None], hi[:, None, :, None]
+
+
+def _broadcast_sets(sets):
+    """Interval sets of several masks broadcast to common (B', H', Tq) leading dims."""
+    B = max(lo.shape[0] for lo, _ in sets)
+    H = max(lo.shape[1] for lo, _ in sets)
+    return [(lo.expand(B, H, *lo.shape[2:]), hi.expand(B, H, *hi.shape[2:])) for lo, hi in sets]
 
 
 def index_grid(batch: int, heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor):
@@ -192,6 +210,11 @@ class Mask:
         """Per-row visible key bounds ``(lo, hi)``, each (B', Tq) int64, or None."""
         return None
 
+    def interval_sets(self, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-row visible keys as unions of intervals ``(lo, hi)``, each (B', H', Tq, R) int64, or None."""
+        iv = self.intervals(q_pos)
+        return None if iv is None else as_sets(*iv)
+
     def tile_states(self, grid: Grid) -> torch.Tensor:
         """Tile states (B', H', nQ, nK) int8, exact or conservative (never wrongly EMPTY/FULL)."""
         iv = self.intervals(grid.q_pos)
@@ -318,6 +341,19 @@ class And(_Combination):
             lo, hi = torch.maximum(lo, l2), torch.minimum(hi, h2)
         return lo, hi
 
+    def interval_sets(self, q_pos):
+        iv = self.intervals(q_pos)
+        if iv is not None:
+            return as_sets(*iv)
+        sets = [p.interval_sets(q_pos) for p in self.parts]
+        if any(s is None for s in sets) or math.prod(s[0].shape[-1] for s in sets) > MAX_INTERVALS:
+            return None
+        lo, hi = sets[0]
+        for l2, h2 in sets[1:]:  # (A1 | A2) & (B1 | B2): every Ai & Bj
+            lo = torch.maximum(lo[..., :, None], l2[..., None, :]).flatten(-2)
+            hi = torch.minimum(hi[..., :, None], h2[..., None, :]).flatten(-2)
+        return lo, hi
+
     def tile_states(self, grid):
         iv = self.intervals(grid.q_pos)
         if iv is not None:
@@ -339,6 +375,13 @@ class Or(_Combination):
         for p in self.parts[1:]:
             out = out | evaluate(p, b, h, q_pos, k_pos)
         return out
+
+    def interval_sets(self, q_pos):
+        sets = [p.interval_sets(q_pos) for p in self.parts]
+        if any(s is None for s in sets) or sum(s[0].shape[-1] for s in sets) > MAX_INTERVALS:
+            return None
+        sets = _broadcast_sets(sets)
+        return torch.cat([lo for lo, _ in sets], -1), torch.cat([hi for _, hi in sets], -1)
 
     def tile_states(self, grid):
         out = self.parts[0].tile_states(grid)
@@ -366,6 +409,14 @@ class Not(Mask):
 
     def check(self, *args):
         self.inner.check(*args)
+
+    def interval_sets(self, q_pos):
+        iv = self.inner.intervals(q_pos)  # the keys outside one interval: below it and above it
+        if iv is None:
+            return None
+        lo, hi = iv
+        return (torch.stack([torch.full_like(lo, -UNBOUNDED), hi + 1], -1)[:, None],
+                torch.stack([lo - 1, torch.full_like(hi, UNBOUNDED)], -1)[:, None])
 
     def tile_states(self, grid):
         return (FULL - self.inner.tile_states(grid)).to(torch.int8)

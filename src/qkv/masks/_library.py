@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._base import UNBOUNDED, EMPTY, FULL, PARTIAL, Grid, Mask, states_from
+from ._base import EMPTY, FULL, MAX_INTERVALS, PARTIAL, UNBOUNDED, Grid, Mask, states_from
 
 
 def _int_arg(name: str, value, minimum: int, hint: str = "") -> int:
@@ -225,6 +225,24 @@ class GlobalTokens(Mask):
         visible = q_any[:, None] | k_any[None, :]
         return states_from(visible, full)[None, None]
 
+    def interval_sets(self, q_pos):
+        # a global query sees every key; any other sees the runs of consecutive global positions
+        pos = torch.unique(self.positions).to(q_pos.device)
+        cut = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+        starts = torch.cat([pos[:1], pos[cut]]) if pos.numel() else pos
+        ends = torch.cat([pos[cut - 1], pos[-1:]]) if pos.numel() else pos
+        R = max(1, starts.numel())
+        if R > MAX_INTERVALS:
+            return None
+        lo = torch.ones(q_pos.numel(), R, dtype=torch.int64, device=q_pos.device)  # empty slots: lo > hi
+        hi = torch.zeros_like(lo)
+        lo[:, : starts.numel()] = starts
+        hi[:, : ends.numel()] = ends
+        g = self._is_global(q_pos)
+        lo[g], hi[g] = 1, 0
+        lo[g, 0], hi[g, 0] = 0, UNBOUNDED
+        return lo[None, None], hi[None, None]
+
     def __repr__(self):
         return f"global_tokens({self.positions.tolist()})"
 
@@ -304,6 +322,25 @@ class BlockSparse(Mask):
         inside = at(qb1, kb1) - at(qb0, kb1) - at(qb1, kb0) + at(qb0, kb0)
         area = (qb1 - qb0)[:, None] * (kb1 - kb0)[None, :]
         return states_from(inside > 0, inside == area)
+
+    def interval_sets(self, q_pos):
+        # each row of blocks as its runs of visible blocks: (B', H', nqb, R) bounds, then one row per query
+        lay = self._t.on(q_pos.device)["layout"]
+        nkb = lay.shape[-1]
+        pad = torch.zeros_like(lay[..., :1])
+        starts = lay & ~torch.cat([pad, lay[..., :-1]], -1)
+        ends = lay & ~torch.cat([lay[..., 1:], pad], -1)
+        R = max(1, int(starts.sum(-1).max()) if lay.numel() else 1)
+        if R > MAX_INTERVALS:
+            return None
+        idx = torch.arange(nkb, device=q_pos.device)
+        first = torch.where(starts, idx, nkb).sort(-1).values[..., :R]  # nkb: no run
+        last = torch.where(ends, idx, nkb).sort(-1).values[..., :R]
+        bs = self.block_size
+        lo = torch.where(first < nkb, first * bs, 1)
+        hi = torch.where(last < nkb, (last + 1) * bs - 1, 0)
+        qb = (q_pos // bs).clamp(0, lay.shape[2] - 1)
+        return lo[:, :, qb], hi[:, :, qb]
 
     def __repr__(self):
         return f"block_sparse(layout of shape {tuple(self.layout.shape)}, {self.block_size})"

@@ -1,23 +1,31 @@
-"""The `native` backend: qkv's CPU kernel for masks whose rows each see one key interval.
+"""The `native` backend: qkv's CPU kernel for masks whose rows each see a few key intervals.
 
 Causal, sliding windows (any left/right, 0 included), documents, padding,
 prefix-LM and their intersections (`&`) describe every query row by one key
-range ``lo <= k <= hi`` (`Mask.intervals`). The kernel (`kernel.cpp`, built on
-first use by `build`) takes blocks of 32 query rows, computes their scores
-over the block's keys with one BLAS GEMM per chunk of at most 512 keys, applies
-the row bounds directly (no mask tensor), runs an online softmax across chunks
-and accumulates the values with a second GEMM straight into the output.
-float32 and float64, grouped-query heads, D != Dv, any strides; and bfloat16
-where the CPU has AVX-512 BF16 (`dtypes()`): inputs and output in bfloat16,
-scores, softmax and accumulation in float32 (the log-sum-exp is float32), the
-two products as register-blocked ``vdpbf16ps`` loops over keys and values
-packed once per call (MKL's bfloat16 GEMM is slower than its float32 one on
-this project's AMD CPU).
+range ``lo <= k <= hi`` (`Mask.intervals`); window | global tokens (Longformer,
+BigBird's window and globals), block-sparse layouts, complements of one interval
+and their unions and intersections by a few (`Mask.interval_sets`, at most
+`qkv.masks.MAX_INTERVALS` a row). The kernel (`kernel.cpp`, built on first use by
+`build`) takes blocks of 32 query rows, visits the union of their rows' keys in
+chunks of at most 512 keys, computes the scores with one BLAS GEMM per piece of
+a chunk, applies the row bounds directly (no mask tensor), runs an online softmax
+across chunks and accumulates the values with a second GEMM straight into the
+output. float32 and float64, grouped-query heads, D != Dv, any strides; and
+bfloat16 (one interval per row) where the CPU has AVX-512 BF16 (`dtypes()`):
+inputs and output in bfloat16, scores, softmax and accumulation in float32 (the
+log-sum-exp is float32), the two products as register-blocked ``vdpbf16ps``
+loops over keys and values packed once per call (MKL's bfloat16 GEMM is slower
+than its float32 one on this project's AMD CPU).
 
-Backward is the `chunked` backend's, from the saved output and log-sum-exp (the
-same tiles it would visit); probabilities come from chunked's weights pass.
-Calls with a score_mod, bias or dropout are not served (`check` says why), and
-`auto` hands those to `chunked`.
+Backward (float32, float64) is native too (`interval_attention_backward`): blocks
+of 64 query rows recompute their probabilities from the saved log-sum-exp and
+run five GEMMs per piece (FlashAttention-2's backward). bfloat16 backward, and any
+call with a NaN or infinite input (whose rule, that what no row sees reaches no
+gradient, GEMMs over a block's keys cannot keep), is the `chunked` backend's,
+from the saved output and log-sum-exp. Probabilities
+(``return_weights``) come from chunked's weights pass. Calls with a score_mod,
+bias or dropout are not served (`check` says why), and `auto` hands those to
+`chunked`.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ import torch
 from ..chunked import run_for
 from ..chunked import weights as chunked_weights
 from ..kernels import unit_stride
+from ...masks import MAX_INTERVALS
 from ..registry import Call
-from .build import DTYPES, available, dtypes, interval_attention, status, supports
+from .build import DTYPES, available, dtypes, interval_attention, interval_attention_backward, status, supports
 
-__all__ = ["native", "check", "available", "status", "supports", "interval_attention", "DTYPES", "dtypes"]
+__all__ = ["native", "check", "available", "status", "supports", "interval_attention", "interval_attention_backward",
+           "DTYPES", "dtypes"]
 
 
 def check(call: Call) -> str | None:
@@ -39,17 +49,26 @@ def check(call: Call) -> str | None:
         return "score_mod, bias or dropout (the native kernel applies only the mask's row intervals)"
     if not supports(call.q, call.k, call.v):
         return f"this call's device/dtype or this machine (native kernel: {status()})"
-    if call.intervals is None:
-        return f"a mask without one key interval per row ({call.mask!r})"
+    if call.interval_sets is None:
+        return (f"support for this mask: its rows are not unions of at most {MAX_INTERVALS} key intervals "
+                f"({call.mask!r})")
+    if call.q.dtype == torch.bfloat16 and call.intervals is None:
+        return f"bfloat16 with more than one key interval per row ({call.mask!r}; the bfloat16 kernel takes one)"
     return None
+
+
+def _finite(*ts: torch.Tensor) -> bool:
+    """Whether every value is finite (one sum per tensor; an overflowing sum only sends the call to chunked).
+    The native backward's GEMMs would multiply a NaN key that a row does not see by that row's zero."""
+    return all(bool(torch.isfinite(t.sum())) for t in ts)
 
 
 class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call: Call):
         ctx.set_materialize_grads(False)
-        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)  # what the fused backward kernel reads
-        out, lse = interval_attention(q, k, v, *call.intervals, call.scale)
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)  # what the backward kernels read
+        out, lse = interval_attention(q, k, v, *call.interval_sets, call.scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         return out, lse
@@ -57,11 +76,16 @@ class _NativeAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        raw = lse.masked_fill(torch.isneginf(lse), 0.0)  # what the fused backward expects on rows that see no key
-        run = run_for(ctx.call)
-        needs = (*ctx.needs_input_grad[:3], False)
-        dq, dk, dv, _ = run.backward(dout, dlse, q, k, v, None, out, raw, needs)
-        return dq, dk, dv, None
+        call = ctx.call
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if q.dtype != torch.bfloat16 and _finite(q, k, v):
+            dq, dk, dv = interval_attention_backward(q, k, v, out, lse, dout, dlse, *call.interval_sets, call.scale)
+        else:  # bfloat16, or a NaN/inf input: chunked's backward keeps what no row sees out of every gradient
+            raw = lse.masked_fill(torch.isneginf(lse), 0.0)  # what the fused backward expects on rows that see no key
+            needs = (*ctx.needs_input_grad[:3], False)
+            dq, dk, dv, _ = run_for(call).backward(dout, dlse, q, k, v, None, out, raw, needs)
+        return tuple(g if need else None for g, need in zip((dq, dk, dv), ctx.needs_input_grad[:3])) + (None,)
 
 
 def native(call: Call):

@@ -1,13 +1,14 @@
-// qkv's CPU kernel for interval masks: softmax attention where query row i sees the
-// keys lo[i] <= k <= hi[i] (causal, sliding windows, documents, padding, prefix-LM and
-// their intersections). Forward only; the backward pass reuses the saved output and
-// log-sum-exp (see _chunked.py).
+// qkv's CPU kernel for interval masks: softmax attention where query row i sees the keys of
+// a few intervals lo[i][r] <= k <= hi[i][r] (one for causal, sliding windows, documents,
+// padding, prefix-LM and their intersections; several for window | global tokens or
+// block-sparse layouts), forward and backward.
 //
 // Work is split into blocks of BQ query rows of one (batch, head). A block visits the
-// union of its rows' key intervals in chunks of at most BK keys: one GEMM for the
-// scores, the row masks applied from the bounds (no mask tensor), an online softmax
-// (FlashAttention, arXiv:2205.14135), and one GEMM accumulating straight into the
-// output rows. The GEMMs are the BLAS `?gemm_` that PyTorch itself links, passed in
+// union of its rows' key intervals in chunks of at most BK keys (pieces of a few ranges):
+// one GEMM per piece for the scores, the row masks applied from the bounds (no mask
+// tensor), an online softmax (FlashAttention, arXiv:2205.14135), and one GEMM per piece
+// accumulating straight into the output rows. The backward pass recomputes the
+// probabilities from the saved log-sum-exp (interval_attention_backward). The GEMMs are the BLAS `?gemm_` that PyTorch itself links, passed in
 // as a function pointer; threads come from OpenMP.
 //
 // bfloat16 (interval_attention_bf16, compiled where the target has AVX-512 BF16): the same blocks and
@@ -22,6 +23,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
+#include <vector>
+
 #include <omp.h>
 
 namespace {
@@ -78,51 +82,38 @@ inline float exp_nonpos(float x) {
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
-// s[0:w): exp(s - m) on [a, e), 0 elsewhere; returns the sum.
-template <typename T> T exp_row(T* s, int64_t w, int64_t a, int64_t e, T m) {
+// s[0:w): exp(s - m) on the column segments [seg[2t], seg[2t+1]) (sorted, disjoint), 0 elsewhere; returns the sum.
+template <typename T> T exp_segments(T* s, int64_t w, const int64_t* seg, int nseg, T m) {
   T sum = 0;
-  for (int64_t j = 0; j < a; ++j) s[j] = 0;
+  int64_t prev = 0;
+  for (int t = 0; t < nseg; ++t) {
+    const int64_t a = seg[2 * t], e = seg[2 * t + 1];
+    for (int64_t j = prev; j < a; ++j) s[j] = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = a; j < e; ++j) {
-    T p = exp_nonpos(s[j] - m);
-    s[j] = p;
-    sum += p;
+    for (int64_t j = a; j < e; ++j) {
+      T p = exp_nonpos(s[j] - m);
+      s[j] = p;
+      sum += p;
+    }
+    prev = e;
   }
-  for (int64_t j = e; j < w; ++j) s[j] = 0;
+  for (int64_t j = prev; j < w; ++j) s[j] = 0;
   return sum;
 }
 
-// The largest non-NaN score of s[a:e) (-inf if none): a NaN score is caught by the sum of exponentials instead.
-template <typename T> T row_max(const T* s, int64_t a, int64_t e) {
+// The largest non-NaN score of s over the segments (-inf if none): a NaN score is caught by the sum of
+// exponentials instead.
+template <typename T> T segments_max(const T* s, const int64_t* seg, int nseg) {
   T mx = -std::numeric_limits<T>::infinity();
+  for (int t = 0; t < nseg; ++t) {
 #pragma omp simd reduction(max : mx)
-  for (int64_t j = a; j < e; ++j) mx = s[j] > mx ? s[j] : mx;
+    for (int64_t j = seg[2 * t]; j < seg[2 * t + 1]; ++j) mx = s[j] > mx ? s[j] : mx;
+  }
   return mx;
 }
 
 template <typename T> void fill_nan(T* o, int64_t n) {
   for (int64_t d = 0; d < n; ++d) o[d] = std::numeric_limits<T>::quiet_NaN();
-}
-
-// One output row from scratch over its own keys lo..hi, given its softmax max m and sum l: keys whose
-// score is -inf do not reach it; any non-finite value of a key that does makes the whole row NaN.
-template <typename T>
-void exact_row(const T* q, const T* K, int64_t k_stride, const T* V, int64_t v_stride, int64_t lo, int64_t hi,
-               int64_t D, int64_t Dv, T scale, T m, T l, T* o) {
-  for (int64_t d = 0; d < Dv; ++d) o[d] = 0;
-  for (int64_t j = lo; j <= hi; ++j) {
-    const T* kj = K + j * k_stride;
-    T s = 0;
-    for (int64_t d = 0; d < D; ++d) s += q[d] * kj[d];
-    s *= scale;
-    if (s == -std::numeric_limits<T>::infinity()) continue;
-    const T p = std::exp(s - m) / l;
-    const T* vj = V + j * v_stride;
-    for (int64_t d = 0; d < Dv; ++d) o[d] += p * vj[d];
-  }
-  T check = 0;
-  for (int64_t d = 0; d < Dv; ++d) check += o[d] * T(0);
-  if (!(check == T(0))) fill_nan(o, Dv);
 }
 
 struct Shape {
@@ -132,30 +123,147 @@ struct Strides {  // in elements: batch, head, row (the feature stride is 1)
   int64_t q[3], k[3], v[3], o[3], l[2];
 };
 
-// A block's rows' key ranges clipped to [0, Tk) (into rlo/hi), the union [kmin, kmax] of the non-empty ones
-// (kmax < kmin: none) and the range [common_lo, common_hi] every row sees.
-struct Bounds {
-  int64_t kmin, kmax, common_lo, common_hi;
+// Which keys each query row sees: row i of (batch b, head h) sees the union of lo[r] <= k <= hi[r] over
+// r < R, read at lo + b * sb + h * sh + i * R (slots with lo > hi are empty; sb, sh are 0 when shared).
+struct RowBounds {
+  const int64_t* lo;
+  const int64_t* hi;
+  int64_t sb, sh, R;
 };
-inline Bounds block_bounds(const int64_t* LO, const int64_t* HI, int64_t rows, int64_t Tk, int64_t* rlo, int64_t* rhi) {
-  Bounds r{Tk, -1, 0, Tk - 1};
-  for (int64_t i = 0; i < rows; ++i) {
-    rlo[i] = std::max<int64_t>(LO[i], 0);
-    rhi[i] = std::min<int64_t>(HI[i], Tk - 1);
-    r.common_lo = std::max(r.common_lo, rlo[i]);
-    r.common_hi = std::min(r.common_hi, rhi[i]);
-    if (rlo[i] <= rhi[i]) {
-      r.kmin = std::min(r.kmin, rlo[i]);
-      r.kmax = std::max(r.kmax, rhi[i]);
+
+constexpr int MAXP = 32;     // pieces (key ranges) per chunk
+constexpr int64_t GAP = 16;  // ranges of a block closer than this are visited as one (the keys between masked)
+
+struct Piece {
+  int64_t k0, w, off;  // keys k0 .. k0 + w - 1, at columns off .. off + w - 1 of the chunk
+};
+
+// One block of query rows: each row's intervals clipped to [0, Tk), sorted and merged (iv, count), and the
+// union of all rows' intervals as sorted ranges (what the block visits, in chunks of at most BK keys).
+struct BlockKeys {
+  int64_t R = 1, Tk = 0;
+  std::vector<int64_t> iv;  // rows x R x 2
+  std::vector<int> count;
+  std::vector<std::pair<int64_t, int64_t>> all, ranges;  // inclusive [first, last]
+
+  void build(const RowBounds& rb, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t tk) {
+    R = rb.R;
+    Tk = tk;
+    iv.resize(rows * R * 2);
+    count.assign(rows, 0);
+    all.clear();
+    ranges.clear();
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t* L = rb.lo + b * rb.sb + h * rb.sh + (r0 + i) * R;
+      const int64_t* H = rb.hi + b * rb.sb + h * rb.sh + (r0 + i) * R;
+      int64_t* row = iv.data() + i * R * 2;
+      int c = 0;
+      for (int64_t r = 0; r < R; ++r) {  // insertion sort by start (R is small)
+        const int64_t a = std::max<int64_t>(L[r], 0), e = std::min<int64_t>(H[r], Tk - 1);
+        if (a > e) continue;
+        int t = c++;
+        for (; t > 0 && row[2 * (t - 1)] > a; --t) {
+          row[2 * t] = row[2 * (t - 1)];
+          row[2 * t + 1] = row[2 * (t - 1) + 1];
+        }
+        row[2 * t] = a;
+        row[2 * t + 1] = e;
+      }
+      int out = 0;  // merge overlapping or touching intervals
+      for (int t = 0; t < c; ++t) {
+        if (out && row[2 * t] <= row[2 * (out - 1) + 1] + 1) {
+          row[2 * (out - 1) + 1] = std::max(row[2 * (out - 1) + 1], row[2 * t + 1]);
+        } else {
+          row[2 * out] = row[2 * t];
+          row[2 * out + 1] = row[2 * t + 1];
+          ++out;
+        }
+      }
+      count[i] = out;
+      for (int t = 0; t < out; ++t) all.emplace_back(row[2 * t], row[2 * t + 1]);
+    }
+    std::sort(all.begin(), all.end());
+    for (const auto& r : all) {
+      if (!ranges.empty() && r.first <= ranges.back().second + GAP)
+        ranges.back().second = std::max(ranges.back().second, r.second);
+      else
+        ranges.push_back(r);
     }
   }
-  return r;
+
+  bool empty() const { return ranges.empty(); }
+
+  // Calls fn(pieces, n, width) for each chunk: consecutive pieces of the ranges, at most BK keys in all.
+  template <class F> void chunks(int64_t BK, F fn) const {
+    Piece p[MAXP];
+    int np = 0;
+    int64_t w = 0;
+    for (const auto& r : ranges) {
+      for (int64_t k = r.first; k <= r.second;) {
+        const int64_t take = std::min(r.second - k + 1, BK - w);
+        p[np++] = Piece{k, take, w};
+        w += take;
+        k += take;
+        if (w == BK || np == MAXP) {
+          fn(p, np, w);
+          np = 0;
+          w = 0;
+        }
+      }
+    }
+    if (np) fn(p, np, w);
+  }
+
+  // Row i's visible columns of a chunk as sorted segments [seg[2t], seg[2t + 1]); returns how many (at most
+  // count[i] + np of them: seg must hold 2 * (R + MAXP)).
+  int segments(int64_t i, const Piece* p, int np, int64_t* seg) const {
+    const int64_t* row = iv.data() + i * R * 2;
+    const int c = count[i];
+    int n = 0, r = 0;
+    for (int j = 0; j < np; ++j) {
+      const int64_t k0 = p[j].k0, k1 = p[j].k0 + p[j].w - 1;
+      while (r < c && row[2 * r + 1] < k0) ++r;
+      for (int t = r; t < c && row[2 * t] <= k1; ++t) {
+        const int64_t a = std::max(row[2 * t], k0), e = std::min(row[2 * t + 1], k1);
+        if (n && seg[2 * n - 1] == p[j].off + a - k0) {
+          seg[2 * n - 1] = p[j].off + e - k0 + 1;  // continues the previous segment across pieces
+        } else {
+          seg[2 * n] = p[j].off + a - k0;
+          seg[2 * n + 1] = p[j].off + e - k0 + 1;
+          ++n;
+        }
+      }
+    }
+    return n;
+  }
+};
+
+// One output row from scratch over its own keys (the merged intervals row[0..c)), given its softmax max m and
+// sum l: keys whose score is -inf do not reach it; any non-finite value of a key that does makes the row NaN.
+template <typename T>
+void exact_row(const T* q, const T* K, int64_t k_stride, const T* V, int64_t v_stride, const int64_t* row, int c,
+               int64_t D, int64_t Dv, T scale, T m, T l, T* o) {
+  for (int64_t d = 0; d < Dv; ++d) o[d] = 0;
+  for (int t = 0; t < c; ++t) {
+    for (int64_t j = row[2 * t]; j <= row[2 * t + 1]; ++j) {
+      const T* kj = K + j * k_stride;
+      T s = 0;
+      for (int64_t d = 0; d < D; ++d) s += q[d] * kj[d];
+      s *= scale;
+      if (s == -std::numeric_limits<T>::infinity()) continue;
+      const T p = std::exp(s - m) / l;
+      const T* vj = V + j * v_stride;
+      for (int64_t d = 0; d < Dv; ++d) o[d] += p * vj[d];
+    }
+  }
+  T check = 0;
+  for (int64_t d = 0; d < Dv; ++d) check += o[d] * T(0);
+  if (!(check == T(0))) fill_nan(o, Dv);
 }
 
 template <typename T>
-void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v, T* out, T* lse, const int64_t* lo,
-                        const int64_t* hi, int64_t bound_batch_stride, const Shape& n, const Strides& st, T scale,
-                        int threads) {
+void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v, T* out, T* lse,
+                        const RowBounds& rb, const Shape& n, const Strides& st, T scale, int threads) {
   const int64_t blocks = (n.Tq + BQ - 1) / BQ;
   const int64_t items = n.B * n.Hq * blocks;
   const int64_t group = n.Hq / n.Hkv;
@@ -163,19 +271,20 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
 #pragma omp parallel num_threads(threads)
   {
     T* S = static_cast<T*>(std::malloc(sizeof(T) * BQ * BK));
+    std::vector<int64_t> seg(2 * (rb.R + MAXP));
     T m[BQ], l[BQ], alpha[BQ];
-    int64_t rlo[BQ], rhi[BQ];
+    BlockKeys bk;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it % blocks, bh = it / blocks, h = bh % n.Hq, b = bh / n.Hq, hk = h / group;
       const int64_t r0 = blk * BQ, rows = std::min(BQ, n.Tq - r0);
-      const Bounds kb = block_bounds(lo + b * bound_batch_stride + r0, hi + b * bound_batch_stride + r0, rows, n.Tk,
-                                     rlo, rhi);
-      const int64_t kmin = kb.kmin, kmax = kb.kmax, common_lo = kb.common_lo, common_hi = kb.common_hi;
+      bk.build(rb, b, h, r0, rows, n.Tk);
       const T* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
+      const T* K = k + b * st.k[0] + hk * st.k[1];
+      const T* V = v + b * st.v[0] + hk * st.v[1];
       T* O = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
       T* L = lse + b * st.l[0] + h * st.l[1] + r0;
-      if (kmax < kmin) {  // no row of the block sees a key
+      if (bk.empty()) {  // no row of the block sees a key
         for (int64_t i = 0; i < rows; ++i) {
           std::memset(O + i * st.o[2], 0, sizeof(T) * n.Dv);
           L[i] = -inf;
@@ -187,27 +296,24 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
         l[i] = 0;
       }
       bool first = true;
-      for (int64_t c0 = kmin; c0 <= kmax; c0 += BK) {
-        const int64_t c1 = std::min(c0 + BK, kmax + 1), w = c1 - c0;
-        const T* K = k + b * st.k[0] + hk * st.k[1] + c0 * st.k[2];
-        const T* V = v + b * st.v[0] + hk * st.v[1] + c0 * st.v[2];
-        // S (rows x w, row-major, leading dim BK) = scale * Q K^T
-        gemm('T', 'N', (int)w, (int)rows, (int)n.D, scale, K, (int)st.k[2], Q, (int)st.q[2], T(0), S, (int)BK);
-        const bool whole = common_lo <= c0 && common_hi >= c1 - 1;  // every row sees the whole chunk
+      bk.chunks(BK, [&](const Piece* p, int np, int64_t w) {
+        // S (rows x w, row-major, leading dim BK) = scale * Q K^T, one GEMM per piece
+        for (int j = 0; j < np; ++j)
+          gemm('T', 'N', (int)p[j].w, (int)rows, (int)n.D, scale, K + p[j].k0 * st.k[2], (int)st.k[2], Q,
+               (int)st.q[2], T(0), S + p[j].off, (int)BK);
         for (int64_t i = 0; i < rows; ++i) {
           T* s = S + i * BK;
-          const int64_t a = whole ? 0 : std::max(rlo[i], c0) - c0;
-          const int64_t e = whole ? w : std::min(rhi[i], c1 - 1) - c0 + 1;
-          if (e <= a) {  // this row sees nothing in the chunk: it keeps its state
+          const int ns = bk.segments(i, p, np, seg.data());
+          if (ns == 0) {  // this row sees nothing in the chunk: it keeps its state
             std::memset(s, 0, sizeof(T) * w);
             alpha[i] = 1;
             continue;
           }
           // Non-finite scores follow qkv's rule without a test per score: -inf gives p = 0 (the key does
           // not reach the row), NaN gives a NaN sum, and a +inf maximum gives exp(inf - inf) = NaN.
-          const T mnew = std::max(m[i], row_max(s, a, e));
+          const T mnew = std::max(m[i], segments_max(s, seg.data(), ns));
           alpha[i] = m[i] == -inf ? T(0) : exp_nonpos(m[i] - mnew);
-          l[i] = l[i] * alpha[i] + exp_row(s, w, a, e, mnew == -inf ? T(0) : mnew);
+          l[i] = l[i] * alpha[i] + exp_segments(s, w, seg.data(), ns, mnew == -inf ? T(0) : mnew);
           m[i] = mnew;
         }
         if (!first) {
@@ -219,11 +325,13 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
             for (int64_t d = 0; d < n.Dv; ++d) o[d] *= f;
           }
         }
-        // O (rows x Dv, row-major, leading dim = output row stride) (+)= P V
-        gemm('N', 'N', (int)n.Dv, (int)rows, (int)w, T(1), V, (int)st.v[2], S, (int)BK, first ? T(0) : T(1), O,
-             (int)st.o[2]);
-        first = false;
-      }
+        // O (rows x Dv, row-major, leading dim = output row stride) (+)= P V, one GEMM per piece
+        for (int j = 0; j < np; ++j) {
+          gemm('N', 'N', (int)n.Dv, (int)rows, (int)p[j].w, T(1), V + p[j].k0 * st.v[2], (int)st.v[2],
+               S + p[j].off, (int)BK, first ? T(0) : T(1), O, (int)st.o[2]);
+          first = false;
+        }
+      });
       for (int64_t i = 0; i < rows; ++i) {
         T* o = O + i * st.o[2];
         if (m[i] == -inf && l[i] == T(0)) {  // no key reaches the row (mask or -inf scores)
@@ -245,16 +353,129 @@ void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v,
         }
         L[i] = m[i] + std::log(l[i]);
         if (!(check == T(0))) {
-          // A non-finite value: the GEMM also multiplied the values of keys outside the row's interval
+          // A non-finite value: the GEMM also multiplied the values of keys outside the row's intervals
           // (p = 0, and 0 * NaN = NaN). Redo the row over its own keys only.
-          const T* K = k + b * st.k[0] + hk * st.k[1];
-          const T* V = v + b * st.v[0] + hk * st.v[1];
-          exact_row(Q + i * st.q[2], K, st.k[2], V, st.v[2], rlo[i], rhi[i], n.D, n.Dv, scale, m[i], l[i], o);
+          exact_row(Q + i * st.q[2], K, st.k[2], V, st.v[2], bk.iv.data() + i * bk.R * 2, bk.count[i], n.D, n.Dv,
+                    scale, m[i], l[i], o);
         }
       }
     }
     std::free(S);
   }
+}
+
+// Gradients of interval_attention (FlashAttention-2's backward, arXiv:2307.08691): per block of query rows
+// and chunk of its keys, P = exp(S - lse) again from the saved log-sum-exp, dP = dO V^T,
+// dS = P (dP - delta) with delta = rowsum(dO * O) - dlse, then dV += P^T dO, dK += scale dS^T Q and
+// dQ += scale dS K: five GEMMs, no probabilities kept. Work units are (batch, kv head, a strided share of
+// the query blocks); a unit loops over the kv head's query heads, so it alone writes its dQ rows, and it
+// adds dK/dV into its kv head's gradients, or into a scratch copy when several units share a kv head (few
+// heads for the threads), summed at the end. dq, dk, dv are zeroed by the caller, contiguous.
+template <typename T>
+void interval_attention_backward(const Gemm<T>& gemm, const T* q, const T* k, const T* v, const T* out,
+                                 const T* lse, const T* dout, const T* dlse, T* dq, T* dk, T* dv,
+                                 const RowBounds& rb, const Shape& n, const Strides& st, const int64_t* sdo,
+                                 T scale, int threads) {
+  constexpr int64_t BQB = 64;  // query rows per block (the dK/dV products' inner dimension)
+  const int64_t blocks = (n.Tq + BQB - 1) / BQB;
+  const int64_t group = n.Hq / n.Hkv, heads = n.B * n.Hkv;
+  // shares per kv head: enough units to keep every thread busy
+  const int64_t shares = heads >= 4 * threads ? 1 : std::min(blocks, (4 * threads + heads - 1) / heads);
+  const int64_t units = heads * shares;
+  const int64_t kd = n.Tk * n.D, vd = n.Tk * n.Dv;
+  T* scratch_k = shares > 1 ? static_cast<T*>(std::calloc((shares - 1) * heads * kd, sizeof(T))) : nullptr;
+  T* scratch_v = shares > 1 ? static_cast<T*>(std::calloc((shares - 1) * heads * vd, sizeof(T))) : nullptr;
+  const T inf = std::numeric_limits<T>::infinity();
+#pragma omp parallel num_threads(threads)
+  {
+    T* P = static_cast<T*>(std::malloc(sizeof(T) * BQB * BK));
+    T* dP = static_cast<T*>(std::malloc(sizeof(T) * BQB * BK));
+    std::vector<int64_t> seg(2 * (rb.R + MAXP));
+    T delta[BQB], rl[BQB];
+    BlockKeys bk;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t bh = u / shares, share = u % shares, b = bh / n.Hkv, hk = bh % n.Hkv;
+      const T* K = k + b * st.k[0] + hk * st.k[1];
+      const T* V = v + b * st.v[0] + hk * st.v[1];
+      T* dK = share ? scratch_k + ((share - 1) * heads + bh) * kd : dk + bh * kd;
+      T* dV = share ? scratch_v + ((share - 1) * heads + bh) * vd : dv + bh * vd;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t blk = share; blk < blocks; blk += shares) {
+          const int64_t r0 = blk * BQB, rows = std::min(BQB, n.Tq - r0);
+          bk.build(rb, b, h, r0, rows, n.Tk);
+          if (bk.empty()) continue;
+          const T* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
+          const T* O = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
+          const T* dO = dout + b * sdo[0] + h * sdo[1] + r0 * sdo[2];
+          const T* L = lse + b * st.l[0] + h * st.l[1] + r0;
+          T* dQ = dq + ((b * n.Hq + h) * n.Tq + r0) * n.D;
+          for (int64_t i = 0; i < rows; ++i) {
+            T s = 0;
+            const T* oi = O + i * st.o[2];
+            const T* gi = dO + i * sdo[2];
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < n.Dv; ++d) s += oi[d] * gi[d];
+            delta[i] = s - (dlse ? dlse[b * st.l[0] + h * st.l[1] + r0 + i] : T(0));
+            rl[i] = L[i];
+          }
+          bk.chunks(BK, [&](const Piece* p, int np, int64_t w) {
+            for (int j = 0; j < np; ++j) {
+              gemm('T', 'N', (int)p[j].w, (int)rows, (int)n.D, scale, K + p[j].k0 * st.k[2], (int)st.k[2], Q,
+                   (int)st.q[2], T(0), P + p[j].off, (int)BK);
+              gemm('T', 'N', (int)p[j].w, (int)rows, (int)n.Dv, T(1), V + p[j].k0 * st.v[2], (int)st.v[2], dO,
+                   (int)sdo[2], T(0), dP + p[j].off, (int)BK);
+            }
+            for (int64_t i = 0; i < rows; ++i) {
+              T* pr = P + i * BK;
+              T* gr = dP + i * BK;
+              const int ns = rl[i] == -inf ? 0 : bk.segments(i, p, np, seg.data());
+              exp_segments(pr, w, seg.data(), ns, rl[i]);  // P, 0 outside the row's keys
+              const T di = delta[i];
+              int64_t prev = 0;
+              for (int t = 0; t < ns; ++t) {
+                const int64_t a = seg[2 * t], e = seg[2 * t + 1];
+                for (int64_t j = prev; j < a; ++j) gr[j] = 0;
+#pragma omp simd
+                for (int64_t j = a; j < e; ++j) gr[j] = pr[j] * (gr[j] - di);
+                prev = e;
+              }
+              for (int64_t j = prev; j < w; ++j) gr[j] = 0;
+            }
+            for (int j = 0; j < np; ++j) {
+              const int64_t k0 = p[j].k0, wp = p[j].w, off = p[j].off;
+              gemm('N', 'T', (int)n.Dv, (int)wp, (int)rows, T(1), dO, (int)sdo[2], P + off, (int)BK, T(1),
+                   dV + k0 * n.Dv, (int)n.Dv);
+              gemm('N', 'T', (int)n.D, (int)wp, (int)rows, scale, Q, (int)st.q[2], dP + off, (int)BK, T(1),
+                   dK + k0 * n.D, (int)n.D);
+              gemm('N', 'N', (int)n.D, (int)rows, (int)wp, scale, K + k0 * st.k[2], (int)st.k[2], dP + off,
+                   (int)BK, T(1), dQ, (int)n.D);
+            }
+          });
+        }
+      }
+    }
+    std::free(P);
+    std::free(dP);
+    if (shares > 1) {
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < heads; ++bh) {
+        for (int64_t s = 1; s < shares; ++s) {
+          const T* sk = scratch_k + ((s - 1) * heads + bh) * kd;
+          const T* sv = scratch_v + ((s - 1) * heads + bh) * vd;
+          T* gk = dk + bh * kd;
+          T* gv = dv + bh * vd;
+#pragma omp simd
+          for (int64_t x = 0; x < kd; ++x) gk[x] += sk[x];
+#pragma omp simd
+          for (int64_t x = 0; x < vd; ++x) gv[x] += sv[x];
+        }
+      }
+    }
+  }
+  std::free(scratch_k);
+  std::free(scratch_v);
 }
 
 
@@ -384,9 +605,9 @@ void exact_row_bf16(const uint16_t* q, const uint16_t* K, int64_t k_stride, cons
   if (acc != o) std::free(acc);
 }
 
+// Rows see one interval each here (rb.R == 1): a block visits the hull of its rows' intervals.
 void interval_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* lse,
-                             const int64_t* lo, const int64_t* hi, int64_t bound_batch_stride, const Shape& n,
-                             const Strides& st, float scale, int threads) {
+                             const RowBounds& rb, const Shape& n, const Strides& st, float scale, int threads) {
   const int64_t blocks = (n.Tq + BQ - 1) / BQ;
   const int64_t items = n.B * n.Hq * blocks;
   const int64_t group = n.Hq / n.Hkv;
@@ -420,16 +641,19 @@ void interval_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_
     float* O = static_cast<float*>(std::malloc(sizeof(float) * BQ * DV));
     float m[BQ], l[BQ];
     int64_t rlo[BQ], rhi[BQ];
+    BlockKeys bk;
 #pragma omp for schedule(dynamic, 4)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it % blocks, bh = it / blocks, h = bh % n.Hq, b = bh / n.Hq, hk = h / group;
       const int64_t r0 = blk * BQ, rows = std::min(BQ, n.Tq - r0);
-      const Bounds kb = block_bounds(lo + b * bound_batch_stride + r0, hi + b * bound_batch_stride + r0, rows, n.Tk,
-                                     rlo, rhi);
-      const int64_t kmin = kb.kmin, kmax = kb.kmax;
+      bk.build(rb, b, h, r0, rows, n.Tk);
+      const int64_t kmin = bk.empty() ? n.Tk : bk.ranges.front().first;
+      const int64_t kmax = bk.empty() ? -1 : bk.ranges.back().second;
       for (int64_t i = 0; i < rows; ++i) {
         m[i] = -inf;
         l[i] = 0;
+        rlo[i] = bk.count[i] ? bk.iv[i * 2] : n.Tk;
+        rhi[i] = bk.count[i] ? bk.iv[i * 2 + 1] : -1;
       }
       const uint16_t* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
       uint16_t* OUT = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
@@ -455,9 +679,10 @@ void interval_attention_bf16(const uint16_t* q, const uint16_t* k, const uint16_
             std::memset(p16, 0, sizeof(uint32_t) * kpairs);
             continue;
           }
-          const float mnew = std::max(m[i], row_max(s, a, e));
+          const int64_t seg[2] = {a, e};
+          const float mnew = std::max(m[i], segments_max(s, seg, 1));
           const float alpha = m[i] == -inf ? 0.0f : exp_nonpos(m[i] - mnew);
-          l[i] = l[i] * alpha + exp_row(s, w, a, e, mnew == -inf ? 0.0f : mnew);
+          l[i] = l[i] * alpha + exp_segments(s, w, seg, 1, mnew == -inf ? 0.0f : mnew);
           m[i] = mnew;
           if (alpha != 1.0f) {
             float* o = O + i * DV;
@@ -527,22 +752,51 @@ bool unpack(const int64_t* dims, const int64_t* strides, Shape& n, Strides& st) 
 extern "C" {
 
 // dims: B, Hq, Hkv, Tq, Tk, D, Dv. strides: q (b, h, t), k (b, h, t), v (b, h, t), out (b, h, t), lse (b, h).
-// lo/hi: int64 per row, batch stride `bound_batch_stride` (0 when shared). Returns 0 on success.
+// lo/hi: int64 (B', H', Tq, R) row bounds, bounds = {batch stride, head stride, R} (strides 0 when shared).
+// Returns 0 on success.
 int qkv_interval_attention(int is_double, void* gemm, const void* q, const void* k, const void* v, void* out,
-                           void* lse, const int64_t* lo, const int64_t* hi, int64_t bound_batch_stride,
+                           void* lse, const int64_t* lo, const int64_t* hi, const int64_t* bounds,
                            const int64_t* dims, const int64_t* strides, double scale, int threads) {
   Shape n;
   Strides st;
-  if (!unpack(dims, strides, n, st)) return 1;
+  if (!unpack(dims, strides, n, st) || bounds[2] < 1) return 1;
+  const RowBounds rb{lo, hi, bounds[0], bounds[1], bounds[2]};
   if (is_double) {
     interval_attention<double>(Gemm<double>{reinterpret_cast<dgemm_t>(gemm)}, static_cast<const double*>(q),
                                static_cast<const double*>(k), static_cast<const double*>(v),
-                               static_cast<double*>(out), static_cast<double*>(lse), lo, hi, bound_batch_stride, n,
-                               st, scale, threads);
+                               static_cast<double*>(out), static_cast<double*>(lse), rb, n, st, scale, threads);
   } else {
     interval_attention<float>(Gemm<float>{reinterpret_cast<sgemm_t>(gemm)}, static_cast<const float*>(q),
                               static_cast<const float*>(k), static_cast<const float*>(v), static_cast<float*>(out),
-                              static_cast<float*>(lse), lo, hi, bound_batch_stride, n, st, (float)scale, threads);
+                              static_cast<float*>(lse), rb, n, st, (float)scale, threads);
+  }
+  return 0;
+}
+
+// The gradients dq (B, Hq, Tq, D), dk (B, Hkv, Tk, D), dv (B, Hkv, Tk, Dv) (contiguous, zeroed) of
+// qkv_interval_attention's output, from its out and lse (strides as there), the output's gradient dout
+// (strides sdo: b, h, t) and optionally the lse's gradient dlse (lse's layout; null: zero).
+int qkv_interval_attention_backward(int is_double, void* gemm, const void* q, const void* k, const void* v,
+                                    const void* out, const void* lse, const void* dout, const void* dlse, void* dq,
+                                    void* dk, void* dv, const int64_t* lo, const int64_t* hi, const int64_t* bounds,
+                                    const int64_t* dims, const int64_t* strides, const int64_t* sdo, double scale,
+                                    int threads) {
+  Shape n;
+  Strides st;
+  if (!unpack(dims, strides, n, st) || bounds[2] < 1) return 1;
+  const RowBounds rb{lo, hi, bounds[0], bounds[1], bounds[2]};
+  if (is_double) {
+    interval_attention_backward<double>(
+        Gemm<double>{reinterpret_cast<dgemm_t>(gemm)}, static_cast<const double*>(q), static_cast<const double*>(k),
+        static_cast<const double*>(v), static_cast<const double*>(out), static_cast<const double*>(lse),
+        static_cast<const double*>(dout), static_cast<const double*>(dlse), static_cast<double*>(dq),
+        static_cast<double*>(dk), static_cast<double*>(dv), rb, n, st, sdo, scale, threads);
+  } else {
+    interval_attention_backward<float>(
+        Gemm<float>{reinterpret_cast<sgemm_t>(gemm)}, static_cast<const float*>(q), static_cast<const float*>(k),
+        static_cast<const float*>(v), static_cast<const float*>(out), static_cast<const float*>(lse),
+        static_cast<const float*>(dout), static_cast<const float*>(dlse), static_cast<float*>(dq),
+        static_cast<float*>(dk), static_cast<float*>(dv), rb, n, st, sdo, (float)scale, threads);
   }
   return 0;
 }
@@ -550,22 +804,24 @@ int qkv_interval_attention(int is_double, void* gemm, const void* q, const void*
 // 1 when this build has the bfloat16 kernel (the compiler targeted AVX-512 BF16).
 int qkv_native_bf16() { return QKV_HAS_BF16; }
 
-// bfloat16 q, k, v and out (as uint16), float32 lse; the rest as qkv_interval_attention. Returns 0 on success,
-// 3 when the build has no bfloat16 kernel.
+// bfloat16 q, k, v and out (as uint16), float32 lse; the rest as qkv_interval_attention, with one interval per
+// row (R = 1). Returns 0 on success, 2 for R > 1, 3 when the build has no bfloat16 kernel.
 int qkv_interval_attention_bf16(const void* q, const void* k, const void* v, void* out, void* lse, const int64_t* lo,
-                                const int64_t* hi, int64_t bound_batch_stride, const int64_t* dims,
+                                const int64_t* hi, const int64_t* bounds, const int64_t* dims,
                                 const int64_t* strides, double scale, int threads) {
 #if QKV_HAS_BF16
   Shape n;
   Strides st;
   if (!unpack(dims, strides, n, st)) return 1;
+  if (bounds[2] != 1) return 2;
+  const RowBounds rb{lo, hi, bounds[0], bounds[1], 1};
   interval_attention_bf16(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k),
-                          static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), static_cast<float*>(lse), lo,
-                          hi, bound_batch_stride, n, st, (float)scale, threads);
+                          static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), static_cast<float*>(lse), rb,
+                          n, st, (float)scale, threads);
   return 0;
 #else
-  (void)q, (void)k, (void)v, (void)out, (void)lse, (void)lo, (void)hi, (void)bound_batch_stride, (void)dims,
-      (void)strides, (void)scale, (void)threads;
+  (void)q, (void)k, (void)v, (void)out, (void)lse, (void)lo, (void)hi, (void)bounds, (void)dims, (void)strides,
+      (void)scale, (void)threads;
   return 3;
 #endif
 }
