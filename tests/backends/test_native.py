@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from reference import reference
 
@@ -197,6 +197,28 @@ def test_auto_picks_it_for_unions_on_long_rows(name):
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     for t, r in ((q, qr), (k, kr), (v, vr)):
         torch.testing.assert_close(t.grad.double(), r.grad, atol=2e-4, rtol=2e-4)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_forward_over_large_blocks_matches_reference(data):
+    """Enough (batch, head) pairs for 128-row blocks: the forward runs a block whole where its rows share most
+    keys (block layouts, causal far from the diagonal) and as 32-row blocks elsewhere; a ragged last block."""
+    d = data.draw
+    B, Hq, Tq = 2, 4, d(st.integers(129, 420))
+    Tk, q_offset = d(st.integers(Tq, Tq + 40)), d(st.integers(0, 40))
+    mask = d(union_masks(B, Hq, max(Tq + q_offset, Tk), q_offset) | st.sampled_from(
+        [qkv.masks.causal(), qkv.masks.sliding_window(20), None]))
+    g = torch.Generator().manual_seed(d(st.integers(0, 2**31 - 1)))
+    q = torch.randn(B, Hq, Tq, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, 2, Tk, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    assume(_native.check(qkv.functional.prepare(q, k, v, mask=mask, q_offset=q_offset)) is None)  # <= 64 intervals
+    out, lse = qkv.attention(q, k, v, mask=mask, q_offset=q_offset, backend="native", return_lse=True)
+    dense = None if mask is None else mask.materialize(Tq, Tk, batch=B, heads=Hq, q_offset=q_offset)
+    ref, _, ref_lse = reference(q, k, v, mask=dense, q_offset=q_offset)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
 
 
 @needs_kernel

@@ -131,7 +131,7 @@ def fusable_query(q, bias) -> bool:
     if q.numel() == 0:
         return True
     acc = accumulation_dtype(q.dtype)
-    parts = [torch.linalg.vector_norm(q, dtype=acc)]
+    parts = [q.sum(dtype=acc)]  # NaN or inf iff some element is (or, rarely, the sum overflows: exact path)
     if bias is not None and bias.numel():
         parts.append(bias.amax().to(acc))
     values = torch.stack(parts).tolist()
@@ -139,7 +139,9 @@ def fusable_query(q, bias) -> bool:
 
 
 def finite_output(out: torch.Tensor) -> bool:
-    return out.numel() == 0 or bool(torch.isfinite(out).all())
+    """Whether `out` is all finite, from one read of it: its sum is NaN or inf iff some element is (or when
+    the sum of finite values overflows; the caller then takes the exact path, which is only slower)."""
+    return out.numel() == 0 or math.isfinite(out.sum(dtype=accumulation_dtype(out.dtype)).item())
 
 
 def math_attention(

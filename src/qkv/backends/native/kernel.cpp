@@ -3,12 +3,14 @@
 // padding, prefix-LM and their intersections; several for window | global tokens or
 // block-sparse layouts), forward and backward.
 //
-// Work is split into blocks of BQ query rows of one (batch, head). A block visits the
+// Work is split into blocks of query rows of one (batch, head): BQ rows, or BQL where its rows
+// share most keys (block-sparse layouts, causal rows far from the diagonal). A block visits the
 // union of its rows' key intervals in chunks of at most BK keys (pieces of a few ranges):
 // one GEMM per piece for the scores, the row masks applied from the bounds (no mask
 // tensor), an online softmax (FlashAttention, arXiv:2205.14135), and one GEMM per piece
 // accumulating straight into the output rows. The backward pass recomputes the
-// probabilities from the saved log-sum-exp (interval_attention_backward). The GEMMs are the BLAS `?gemm_` that PyTorch itself links, passed in
+// probabilities from the saved log-sum-exp (interval_attention_backward). The GEMMs are the
+// BLAS `?gemm_` that PyTorch itself links, passed in
 // as a function pointer; threads come from OpenMP.
 //
 // bfloat16 (interval_attention_bf16, compiled where the target has AVX-512 BF16): the same blocks and
@@ -31,6 +33,7 @@
 namespace {
 
 constexpr int64_t BQ = 32;   // query rows per block
+constexpr int64_t BQL = 128; // query rows of a large block (forward), taken when its rows share most of their keys
 constexpr int64_t BK = 512;  // keys per chunk
 
 typedef void (*sgemm_t)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
@@ -193,6 +196,13 @@ struct BlockKeys {
 
   bool empty() const { return ranges.empty(); }
 
+  // Keys the block visits (the width of its ranges).
+  int64_t visited() const {
+    int64_t w = 0;
+    for (const auto& r : ranges) w += r.second - r.first + 1;
+    return w;
+  }
+
   // Calls fn(pieces, n, width) for each chunk: consecutive pieces of the ranges, at most BK keys in all.
   template <class F> void chunks(int64_t BK, F fn) const {
     Piece p[MAXP];
@@ -264,99 +274,122 @@ void exact_row(const T* q, const T* K, int64_t k_stride, const T* V, int64_t v_s
 template <typename T>
 void interval_attention(const Gemm<T>& gemm, const T* q, const T* k, const T* v, T* out, T* lse,
                         const RowBounds& rb, const Shape& n, const Strides& st, T scale, int threads) {
-  const int64_t blocks = (n.Tq + BQ - 1) / BQ;
+  // Blocks of BQL rows; one whose rows share most keys (block-sparse layouts, causal rows far from the
+  // diagonal) runs as one (larger GEMMs), any other as BQ-row blocks (less of the union wasted per row).
+  // (Only BQ-row blocks when large ones would leave threads without enough work.)
+  const int64_t bql = n.B * n.Hq * ((n.Tq + BQL - 1) / BQL) >= 4 * threads ? BQL : BQ;
+  const int64_t blocks = (n.Tq + bql - 1) / bql;
   const int64_t items = n.B * n.Hq * blocks;
   const int64_t group = n.Hq / n.Hkv;
   const T inf = std::numeric_limits<T>::infinity();
 #pragma omp parallel num_threads(threads)
   {
-    T* S = static_cast<T*>(std::malloc(sizeof(T) * BQ * BK));
+    T* S = static_cast<T*>(std::malloc(sizeof(T) * BQL * BK));
     std::vector<int64_t> seg(2 * (rb.R + MAXP));
-    T m[BQ], l[BQ], alpha[BQ];
+    T m[BQL], l[BQL], alpha[BQL];
     BlockKeys bk;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t blk = it % blocks, bh = it / blocks, h = bh % n.Hq, b = bh / n.Hq, hk = h / group;
-      const int64_t r0 = blk * BQ, rows = std::min(BQ, n.Tq - r0);
-      bk.build(rb, b, h, r0, rows, n.Tk);
-      const T* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
+      const int64_t R0 = blk * bql, rowsL = std::min(bql, n.Tq - R0);
       const T* K = k + b * st.k[0] + hk * st.k[1];
       const T* V = v + b * st.v[0] + hk * st.v[1];
-      T* O = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
-      T* L = lse + b * st.l[0] + h * st.l[1] + r0;
-      if (bk.empty()) {  // no row of the block sees a key
-        for (int64_t i = 0; i < rows; ++i) {
-          std::memset(O + i * st.o[2], 0, sizeof(T) * n.Dv);
-          L[i] = -inf;
+      auto run = [&](int64_t r0, int64_t rows) {  // one block of rows r0 .. r0 + rows - 1, keys in bk
+        const T* Q = q + b * st.q[0] + h * st.q[1] + r0 * st.q[2];
+        T* O = out + b * st.o[0] + h * st.o[1] + r0 * st.o[2];
+        T* L = lse + b * st.l[0] + h * st.l[1] + r0;
+        if (bk.empty()) {  // no row of the block sees a key
+          for (int64_t i = 0; i < rows; ++i) {
+            std::memset(O + i * st.o[2], 0, sizeof(T) * n.Dv);
+            L[i] = -inf;
+          }
+          return;
         }
-        continue;
-      }
-      for (int64_t i = 0; i < rows; ++i) {
-        m[i] = -inf;
-        l[i] = 0;
-      }
-      bool first = true;
-      bk.chunks(BK, [&](const Piece* p, int np, int64_t w) {
-        // S (rows x w, row-major, leading dim BK) = scale * Q K^T, one GEMM per piece
-        for (int j = 0; j < np; ++j)
-          gemm('T', 'N', (int)p[j].w, (int)rows, (int)n.D, scale, K + p[j].k0 * st.k[2], (int)st.k[2], Q,
-               (int)st.q[2], T(0), S + p[j].off, (int)BK);
         for (int64_t i = 0; i < rows; ++i) {
-          T* s = S + i * BK;
-          const int ns = bk.segments(i, p, np, seg.data());
-          if (ns == 0) {  // this row sees nothing in the chunk: it keeps its state
-            std::memset(s, 0, sizeof(T) * w);
-            alpha[i] = 1;
+          m[i] = -inf;
+          l[i] = 0;
+        }
+        bool first = true;
+        bk.chunks(BK, [&](const Piece* p, int np, int64_t w) {
+          // S (rows x w, row-major, leading dim BK) = scale * Q K^T, one GEMM per piece
+          for (int j = 0; j < np; ++j)
+            gemm('T', 'N', (int)p[j].w, (int)rows, (int)n.D, scale, K + p[j].k0 * st.k[2], (int)st.k[2], Q,
+                 (int)st.q[2], T(0), S + p[j].off, (int)BK);
+          for (int64_t i = 0; i < rows; ++i) {
+            T* s = S + i * BK;
+            const int ns = bk.segments(i, p, np, seg.data());
+            if (ns == 0) {  // this row sees nothing in the chunk: it keeps its state
+              std::memset(s, 0, sizeof(T) * w);
+              alpha[i] = 1;
+              continue;
+            }
+            // Non-finite scores follow qkv's rule without a test per score: -inf gives p = 0 (the key does
+            // not reach the row), NaN gives a NaN sum, and a +inf maximum gives exp(inf - inf) = NaN.
+            const T mnew = std::max(m[i], segments_max(s, seg.data(), ns));
+            alpha[i] = m[i] == -inf ? T(0) : exp_nonpos(m[i] - mnew);
+            l[i] = l[i] * alpha[i] + exp_segments(s, w, seg.data(), ns, mnew == -inf ? T(0) : mnew);
+            m[i] = mnew;
+          }
+          if (!first) {
+            for (int64_t i = 0; i < rows; ++i) {
+              if (alpha[i] == T(1)) continue;
+              T* o = O + i * st.o[2];
+              const T f = alpha[i];
+#pragma omp simd
+              for (int64_t d = 0; d < n.Dv; ++d) o[d] *= f;
+            }
+          }
+          // O (rows x Dv, row-major, leading dim = output row stride) (+)= P V, one GEMM per piece
+          for (int j = 0; j < np; ++j) {
+            gemm('N', 'N', (int)n.Dv, (int)rows, (int)p[j].w, T(1), V + p[j].k0 * st.v[2], (int)st.v[2],
+                 S + p[j].off, (int)BK, first ? T(0) : T(1), O, (int)st.o[2]);
+            first = false;
+          }
+        });
+        for (int64_t i = 0; i < rows; ++i) {
+          T* o = O + i * st.o[2];
+          if (m[i] == -inf && l[i] == T(0)) {  // no key reaches the row (mask or -inf scores)
+            std::memset(o, 0, sizeof(T) * n.Dv);
+            L[i] = -inf;
             continue;
           }
-          // Non-finite scores follow qkv's rule without a test per score: -inf gives p = 0 (the key does
-          // not reach the row), NaN gives a NaN sum, and a +inf maximum gives exp(inf - inf) = NaN.
-          const T mnew = std::max(m[i], segments_max(s, seg.data(), ns));
-          alpha[i] = m[i] == -inf ? T(0) : exp_nonpos(m[i] - mnew);
-          l[i] = l[i] * alpha[i] + exp_segments(s, w, seg.data(), ns, mnew == -inf ? T(0) : mnew);
-          m[i] = mnew;
-        }
-        if (!first) {
-          for (int64_t i = 0; i < rows; ++i) {
-            if (alpha[i] == T(1)) continue;
-            T* o = O + i * st.o[2];
-            const T f = alpha[i];
-#pragma omp simd
-            for (int64_t d = 0; d < n.Dv; ++d) o[d] *= f;
+          if (!(l[i] == l[i])) {  // a NaN or +inf score reaches the row
+            fill_nan(o, n.Dv);
+            L[i] = std::numeric_limits<T>::quiet_NaN();
+            continue;
+          }
+          const T f = T(1) / l[i];
+          T check = 0;  // NaN iff some output is not finite (x * 0 is NaN for inf and NaN)
+#pragma omp simd reduction(+ : check)
+          for (int64_t d = 0; d < n.Dv; ++d) {
+            o[d] *= f;
+            check += o[d] * T(0);
+          }
+          L[i] = m[i] + std::log(l[i]);
+          if (!(check == T(0))) {
+            // A non-finite value: the GEMM also multiplied the values of keys outside the row's intervals
+            // (p = 0, and 0 * NaN = NaN). Redo the row over its own keys only.
+            exact_row(Q + i * st.q[2], K, st.k[2], V, st.v[2], bk.iv.data() + i * bk.R * 2, bk.count[i], n.D, n.Dv,
+                      scale, m[i], l[i], o);
           }
         }
-        // O (rows x Dv, row-major, leading dim = output row stride) (+)= P V, one GEMM per piece
-        for (int j = 0; j < np; ++j) {
-          gemm('N', 'N', (int)n.Dv, (int)rows, (int)p[j].w, T(1), V + p[j].k0 * st.v[2], (int)st.v[2],
-               S + p[j].off, (int)BK, first ? T(0) : T(1), O, (int)st.o[2]);
-          first = false;
-        }
-      });
-      for (int64_t i = 0; i < rows; ++i) {
-        T* o = O + i * st.o[2];
-        if (m[i] == -inf && l[i] == T(0)) {  // no key reaches the row (mask or -inf scores)
-          std::memset(o, 0, sizeof(T) * n.Dv);
-          L[i] = -inf;
-          continue;
-        }
-        if (!(l[i] == l[i])) {  // a NaN or +inf score reaches the row
-          fill_nan(o, n.Dv);
-          L[i] = std::numeric_limits<T>::quiet_NaN();
-          continue;
-        }
-        const T f = T(1) / l[i];
-        T check = 0;  // NaN iff some output is not finite (x * 0 is NaN for inf and NaN)
-#pragma omp simd reduction(+ : check)
-        for (int64_t d = 0; d < n.Dv; ++d) {
-          o[d] *= f;
-          check += o[d] * T(0);
-        }
-        L[i] = m[i] + std::log(l[i]);
-        if (!(check == T(0))) {
-          // A non-finite value: the GEMM also multiplied the values of keys outside the row's intervals
-          // (p = 0, and 0 * NaN = NaN). Redo the row over its own keys only.
-          exact_row(Q + i * st.q[2], K, st.k[2], V, st.v[2], bk.iv.data() + i * bk.R * 2, bk.count[i], n.D, n.Dv,
-                    scale, m[i], l[i], o);
+      };
+      // Score area of the large block against its BQ-row blocks; the large one wins ties by up to 1/8
+      // (its GEMMs run that much faster).
+      int64_t small = 0;
+      for (int64_t r0 = R0; r0 < R0 + rowsL; r0 += BQ) {
+        const int64_t rows = std::min(BQ, R0 + rowsL - r0);
+        bk.build(rb, b, h, r0, rows, n.Tk);
+        small += bk.visited() * rows;
+      }
+      bk.build(rb, b, h, R0, rowsL, n.Tk);
+      if (8 * bk.visited() * rowsL <= 9 * small) {
+        run(R0, rowsL);
+      } else {
+        for (int64_t r0 = R0; r0 < R0 + rowsL; r0 += BQ) {
+          const int64_t rows = std::min(BQ, R0 + rowsL - r0);
+          bk.build(rb, b, h, r0, rows, n.Tk);
+          run(r0, rows);
         }
       }
     }
