@@ -110,6 +110,7 @@ def test_streamed_rows_equal_the_whole_response(serve, lm, spec):
             for row in e["choices"][0]["qkv"]["attention"]["rows"]]
     assert [row["position"] for row in rows] == list(range(len(att["tokens"])))
     assert [row["token"] for row in rows] == att["tokens"]
+    assert [row["prompt"] for row in rows] == [i < att["prompt_tokens"] for i in range(len(rows))]
     layer = att["layers"][0]
     for row in rows:  # each streamed row is the whole response's row at its position
         entry = row["layers"][0]

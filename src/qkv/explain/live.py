@@ -57,9 +57,10 @@ class RowRecorder:
             n += 1
         return n
 
-    def take(self) -> list[tuple[int, dict]]:
-        """The complete rows not taken before, as (position, {layer: row}), in order (for streaming)."""
-        end = self.length
+    def take(self, end: int | None = None) -> list[tuple[int, dict]]:
+        """The complete rows not taken before (those before position ``end`` if given), as (position,
+        {layer: row}), in order (for streaming)."""
+        end = self.length if end is None else min(end, self.length)
         out = [(i, self.rows[i]) for i in range(self._sent, end)]
         self._sent = end
         return out

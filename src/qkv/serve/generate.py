@@ -138,17 +138,19 @@ class Generator:
         if req.first_token_time is not None:
             m.first_token.labels(self.name).observe(req.first_token_time - req.submitted)
 
-    def rows(self, req) -> list[dict]:
-        """The attention rows the engine recorded for ``req`` since the last call (streams)."""
+    def rows(self, req, end: int | None = None) -> list[dict]:
+        """The attention rows the engine recorded for ``req`` since the last call, those before position
+        ``end`` if given (streams: each token's chunk carries the rows that produced it, however far the
+        engine has run ahead of the reader)."""
         rec = req.attention
         if rec is None:
             return []
         ids = req.prompt + req.tokens
         out = []
-        for pos, layers in rec.take():
+        for pos, layers in rec.take(end):
             tok = self.tokenizer.tok.id_to_token(ids[pos]) or ""
             out.append({"position": pos, "token": tok, "text": token_texts(self.tokenizer, [ids[pos]])[0],
-                        "layers": rec.row_layers(pos, layers)})
+                        "prompt": pos < len(req.prompt), "layers": rec.row_layers(pos, layers)})
         return out
 
     def attention(self, req) -> dict:
@@ -168,8 +170,10 @@ class Generator:
         async def follow(index, req):
             stream = TextStream(self.tokenizer, req.config.stop, stop_token_ids=req.config.stop_ids)
             try:
+                end = len(req.prompt)  # generated token k comes from the rows before position len(prompt) + k
                 async for tok in req:
-                    rows = self.rows(req)
+                    rows = self.rows(req, end=end)
+                    end += 1
                     if rows:
                         queue.put_nowait((index, rows, "attention"))
                     piece = stream.push(tok)

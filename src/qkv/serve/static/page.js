@@ -268,7 +268,7 @@ function fromWhole(a) {
 function addRows(rows) {
   // streamed rows: the prompt's first, then one per generated token as the model reads it
   const first = state.attn === null;
-  if (first) state.attn = { tokens: [], rows: [], layers: [], generatedFrom: rows.length };
+  if (first) state.attn = { tokens: [], rows: [], layers: [] };
   const attn = state.attn;
   for (const r of rows) {
     const row = {};
@@ -276,7 +276,8 @@ function addRows(rows) {
       if (!attn.layers.includes(l.layer)) attn.layers.push(l.layer);
       row[l.layer] = l;
     }
-    attn.tokens[r.position] = { raw: r.token, text: r.text, prompt: r.position < attn.generatedFrom };
+    attn.tokens[r.position] = { raw: r.token, text: r.text, prompt: r.prompt };  // the server says: a batch of rows
+    // may hold the prompt's and the first generated tokens' together
     attn.rows[r.position] = row;
   }
   if (first) showAttention(attn);
