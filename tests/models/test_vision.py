@@ -74,3 +74,61 @@ def test_preprocessing_equals_vit_image_processor(tmp_path):
         probs = model(want[:1]).logits.softmax(-1)[0]
     assert result["label"] == f"LABEL_{int(probs.argmax())}" and abs(result["score"] - float(probs.max())) < 1e-6
     assert len(model.classify(images)) == 3
+
+
+# --- stem="strided": stride-2 convolutions (BatchNorm, GELU) in place of the patch projection's big kernel ---
+
+def _strided(**cfg):
+    from qkv.models import ViTConfig, VisionTransformer
+
+    torch.manual_seed(0)
+    base = dict(image_size=64, patch_size=8, dim=32, n_layers=1, n_heads=4, ffn_dim=48, stem="strided")
+    return VisionTransformer(ViTConfig(**{**base, **cfg})).eval()
+
+
+@pytest.mark.parametrize("cfg,shape,grid", [({"image_size": 128}, (2, 3, 128, 128), (16, 16)),
+                                            ({"image_size": [128, 32], "patch_size": [8, 2]}, (2, 3, 128, 32),
+                                             (16, 16)),
+                                            ({"image_size": [64], "patch_size": [4], "channels": 1, "input": "signal"},
+                                             (2, 1, 64), (16,))],
+                         ids=["square", "per-axis-patches", "1-d"])
+def test_strided_stem_embeds_one_token_per_patch_and_is_shift_equivariant(cfg, shape, grid):
+    model = _strided(**cfg)
+    patch = model.config.patch
+    x = torch.randn(shape)
+    with torch.no_grad():
+        emb = model.patch(model.stem(x))  # (B, C, *grid)
+        assert tuple(emb.shape[2:]) == grid
+        assert model(x).last_hidden_state.shape == (2, 1 + int(np.prod(grid)), 32)
+        # moving the input by one patch moves the embeddings by one grid cell (away from the zero padding)
+        moved = model.patch(model.stem(torch.roll(x, shifts=patch, dims=tuple(range(2, x.dim())))))
+    edge = len(model.config.stem_widths())  # cells that see the wrapped-around border: about one per convolution
+    inner = tuple(slice(edge + 1, -edge) for _ in grid)
+    rolled = torch.roll(emb, shifts=(1,) * len(grid), dims=tuple(range(2, emb.dim())))
+    torch.testing.assert_close(moved[(..., *inner)], rolled[(..., *inner)], rtol=1e-5, atol=1e-5)
+    params = sum(p.numel() for p in model.parameters())
+    assert abs(model.config.parameter_estimate() - params) <= 0.02 * params
+
+
+def test_strided_stem_survives_save_and_load(tmp_path):
+    from qkv.train.checkpoint import save_pretrained
+
+    model = _strided(num_labels=5)
+    model.train()
+    with torch.no_grad():  # training-mode batches move the BatchNorm running statistics off their defaults
+        for _ in range(3):
+            model(torch.randn(4, 3, 64, 64) * 2 + 1)
+    model.eval()
+    save_pretrained(model, tmp_path)
+    back = qkv.load(tmp_path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x).logits, rtol=0, atol=0)
+    assert not torch.equal(model.stem[1].running_mean, torch.zeros_like(model.stem[1].running_mean))
+
+
+def test_strided_stem_refuses_patches_that_are_not_powers_of_two():
+    from qkv.models import ViTConfig
+
+    with pytest.raises(ValueError, match=r"stem='strided'.*patch_size=6.*power of two"):
+        ViTConfig(image_size=48, patch_size=6, dim=32, n_layers=1, n_heads=4, ffn_dim=48, stem="strided")

@@ -41,7 +41,10 @@ class ViTConfig:
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     resample: str = "bilinear"  # PIL filter used to resize
     # variants for training from scratch on small data (the defaults are ViT as published)
-    stem: str = "patch"  # "conv": two 3-wide convolutions (GELU) before the patch projection
+    # "conv": two 3-wide convolutions (GELU) at full resolution before the patch projection; "strided": 3-wide
+    # stride-2 convolutions (BatchNorm, GELU) halving the image log2(patch) times, widths doubling to ``dim``,
+    # then a 1 x 1 projection (Xiao et al. 2021, "Early convolutions help transformers see better"; patch 2^k)
+    stem: str = "patch"
     positions: str = "learned"  # "learned" table, or "rotary" over the flattened patch index
     pool: str = "cls"  # "cls": class token; "mean": mean of the patch tokens (no class token)
     input: str = "image"  # what classify() reads: "image" files/arrays, "audio" clips (log-mel), "signal" arrays
@@ -53,7 +56,7 @@ class ViTConfig:
         _checks.layers(self, "n_layers")
         _checks.positive(self, "norm_eps", "image_std")
         _checks.fractions(self, "dropout", "attn_dropout")
-        _checks.choices(self, stem=("patch", "conv"), positions=("learned", "rotary"), pool=("cls", "mean"),
+        _checks.choices(self, stem=("patch", "conv", "strided"), positions=("learned", "rotary"), pool=("cls", "mean"),
                         input=("image", "audio", "signal"), resample=("bilinear", "bicubic", "nearest", "lanczos"))
         size, patch = self.size, self.patch
         if len(size) not in (1, 2) or len(patch) != len(size):
@@ -63,6 +66,9 @@ class ViTConfig:
         if self.input == "image" and min(len(self.image_mean), len(self.image_std)) < self.channels:
             raise ValueError(f"ViTConfig: image_mean={self.image_mean} and image_std={self.image_std} need a value "
                              f"per channel (channels={self.channels})")
+        if self.stem == "strided" and any(p & (p - 1) or p < 2 for p in patch):
+            raise ValueError(f"ViTConfig: stem='strided' halves the image until one pixel is a patch, so "
+                             f"patch_size={self.patch_size} must be a power of two >= 2; use stem='conv' otherwise")
         _checks.labels(self)
         _checks.heads(self, self.dim, self.n_heads, None)
         self.block()  # validates the activation
@@ -73,8 +79,14 @@ class ViTConfig:
         """About how many parameters a model of this config holds (computed, nothing allocated)."""
         d = self.dim
         patches = math.prod(s // p for s, p in zip(self.size, self.patch))
-        stem = (self.channels * 9 * d // 2 + 9 * (d // 2) ** 2) if self.stem == "conv" else 0
-        patch = (d // 2 if self.stem == "conv" else self.channels) * math.prod(self.patch) * d
+        k = 3 ** len(self.size)
+        if self.stem == "conv":
+            stem, patch = self.channels * k * d // 2 + k * (d // 2) ** 2, d // 2 * math.prod(self.patch) * d
+        elif self.stem == "strided":
+            widths = [self.channels, *self.stem_widths()]
+            stem, patch = sum(a * b * k + 2 * b for a, b in zip(widths, widths[1:])), d * d
+        else:
+            stem, patch = 0, self.channels * math.prod(self.patch) * d
         block = _checks.block_parameters(d, self.n_heads, d // self.n_heads, self.n_heads, self.ffn_dim,
                                          self.activation)
         pos = (patches + 1) * d if self.positions == "learned" else 0
@@ -89,6 +101,11 @@ class ViTConfig:
     def patch(self) -> tuple[int, ...]:
         p = self.patch_size
         return (p,) * len(self.size) if isinstance(p, int) else tuple(p)
+
+    def stem_widths(self) -> list[int]:
+        """Output channels of the ``stem='strided'`` convolutions: doubling, the last one ``dim``."""
+        steps = max(p.bit_length() - 1 for p in self.patch)
+        return [max(self.dim >> (steps - 1 - i), 8) for i in range(steps)]
 
     @property
     def grid_shape(self) -> tuple[int, ...]:
@@ -113,15 +130,24 @@ class VisionTransformer(Model):
         super().__init__()
         self.config = c = config
         conv = nn.Conv2d if len(c.size) == 2 else nn.Conv1d
+        norm = nn.BatchNorm2d if len(c.size) == 2 else nn.BatchNorm1d
         channels = c.channels
         if c.stem == "conv":
             width = c.dim // 2
             self.stem = nn.Sequential(conv(channels, width, 3, padding=1), nn.GELU(),
                                       conv(width, width, 3, padding=1), nn.GELU())
             channels = width
+        elif c.stem == "strided":
+            layers, halvings = [], [p.bit_length() - 1 for p in c.patch]
+            for i, width in enumerate(c.stem_widths()):
+                stride = tuple(2 if i < h else 1 for h in halvings)
+                layers += [conv(channels, width, 3, stride=stride, padding=1, bias=False), norm(width), nn.GELU()]
+                channels = width
+            self.stem = nn.Sequential(*layers)
         else:
             self.stem = None
-        self.patch = conv(channels, c.dim, kernel_size=c.patch, stride=c.patch)
+        kernel = 1 if c.stem == "strided" else c.patch  # the strided stem leaves one pixel a patch
+        self.patch = conv(channels, c.dim, kernel_size=kernel, stride=kernel)
         self.cls = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pool == "cls" else None
         n = 1
         for g in c.grid_shape:
