@@ -221,3 +221,33 @@ def test_saved_by_qkv_loads_back_and_backends_agree(folder):
         for backend in ("eager", "chunked"):
             got = model.set_backend(backend)(x)
             torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+
+
+def test_strided_stem_detects_at_any_size_and_survives_save_and_load(tmp_path):
+    from qkv.train.checkpoint import save_pretrained
+
+    cfg = YolosConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=48, image_size=[32, 48], patch_size=8, stem="strided",
+                      num_detection_tokens=3, num_labels=2)
+    torch.manual_seed(0)
+    model = ObjectDetector(cfg)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(cfg.parameter_estimate(), rel=0.01)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.stem)
+    model.train()
+    for _ in range(2):  # move the BatchNorm statistics off their defaults, so the round trip must carry them
+        model(torch.randn(4, 3, 32, 48))
+    model.eval()
+    for size in ((32, 48), (40, 64)):  # the stored grid, and one the positions are resized for
+        out = model(torch.randn(2, 3, *size))
+        assert out.logits.shape == (2, 3, 3) and out.pred_boxes.shape == (2, 3, 4)
+        assert out.last_hidden_state.shape[1] == 1 + (size[0] // 8) * (size[1] // 8) + 3
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+        save_pretrained(model, tmp_path / "native")
+        again = qkv.load(tmp_path / "native")
+        assert again.config == cfg
+        torch.testing.assert_close(again(x).pred_boxes, want.pred_boxes, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"YolosConfig: stem='strided'.*patch_size=6"):
+        YolosConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=48, image_size=[36, 48], patch_size=6, stem="strided")
+    with pytest.raises(ValueError, match="stem"):
+        YolosConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=48, image_size=[32, 48], patch_size=8, stem="pixels")

@@ -20,7 +20,7 @@ from ..nn import BlockConfig, Linear, TransformerEncoder
 from . import _checks
 from ._base import Model, ModelOutput
 from .set_loss import box_corners, set_loss
-from .vision import ViTConfig, _load_image
+from .vision import ViTConfig, _load_image, patch_embedding
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -33,6 +33,9 @@ class YolosConfig:
 
     image_size: int | list[int] = field(default_factory=lambda: [512, 864])
     patch_size: int = 16
+    # how pixels become patch vectors (ViTConfig.stem): "patch" is YOLOS' own (and what checkpoints hold);
+    # "strided" (stride-2 3 x 3 convolutions with BatchNorm) learns small scenes' shapes far sooner
+    stem: str = "patch"
     channels: int = 3
     dim: int = 768
     n_layers: int = 12
@@ -100,7 +103,8 @@ class YolosConfig:
     def backbone(self) -> ViTConfig:
         """The ViT this detector extends (validated as one)."""
         p = self.patch_size
-        return ViTConfig(image_size=[g * p for g in self.grid_shape], patch_size=p, channels=self.channels,
+        return ViTConfig(image_size=[g * p for g in self.grid_shape], patch_size=p, stem=self.stem,
+                         channels=self.channels,
                          dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, ffn_dim=self.ffn_dim,
                          activation=self.activation, norm_eps=self.norm_eps, qkv_bias=self.qkv_bias,
                          dropout=self.dropout, attn_dropout=self.attn_dropout, image_mean=self.image_mean,
@@ -113,7 +117,8 @@ class YolosConfig:
         d = self.dim
         mid = (self.n_layers - 1) * self.seq_len * d if self.mid_positions else 0
         heads = 2 * (2 * d * d + 2 * d) + d * (self.num_labels + 1) + 4 * d
-        return self.backbone().parameter_estimate() + (self.num_detection_tokens + self.seq_len) * d + mid + heads
+        det = 2 * self.num_detection_tokens * d  # the [DET] tokens and their rows of the position table
+        return self.backbone().parameter_estimate() + det + mid + heads
 
 
 class MLP(nn.Module):
@@ -163,7 +168,7 @@ class ObjectDetector(Model):
     def __init__(self, config: YolosConfig):
         super().__init__()
         self.config = c = config
-        self.patch = nn.Conv2d(c.channels, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.stem, self.patch = patch_embedding(c.backbone())
         self.cls = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.det = nn.Parameter(torch.empty(1, c.num_detection_tokens, c.dim).normal_(std=0.02))
         self.pos = nn.Parameter(torch.empty(1, c.seq_len, c.dim).normal_(std=0.02))
@@ -191,7 +196,8 @@ class ObjectDetector(Model):
         if min(pixel_values.shape[2:]) < c.patch_size:
             raise ValueError(f"pixel_values {tuple(pixel_values.shape)}: H and W must be >= patch_size={c.patch_size}")
         B = pixel_values.shape[0]
-        x = self.patch(pixel_values.to(self.patch.weight.dtype))  # (B, C, rows, cols)
+        x = pixel_values.to(self.patch.weight.dtype)
+        x = self.patch(x if self.stem is None else self.stem(x))  # (B, C, rows, cols)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # (B, patches, C)
         x = torch.cat([self.cls.expand(B, -1, -1), x, self.det.expand(B, -1, -1)], dim=1)

@@ -122,6 +122,30 @@ class ViTConfig:
                            dropout=self.dropout, attn_dropout=self.attn_dropout)
 
 
+def patch_embedding(c: ViTConfig) -> tuple[nn.Module | None, nn.Module]:
+    """The modules that turn pixels into patch vectors, as ``c.stem`` says: (stem or None, patch
+    projection) for 2-D (Conv2d) or 1-D (Conv1d) inputs. ``patch``: one convolution of the patch's size
+    and stride; ``conv``: two 3 x 3 convolutions at full resolution first; ``strided``: 3 x 3 stride-2
+    convolutions (BatchNorm, GELU) halving each axis until a pixel is a patch, then a 1 x 1 projection."""
+    conv = nn.Conv2d if len(c.size) == 2 else nn.Conv1d
+    norm = nn.BatchNorm2d if len(c.size) == 2 else nn.BatchNorm1d
+    channels, stem = c.channels, None
+    if c.stem == "conv":
+        width = c.dim // 2
+        stem = nn.Sequential(conv(channels, width, 3, padding=1), nn.GELU(),
+                             conv(width, width, 3, padding=1), nn.GELU())
+        channels = width
+    elif c.stem == "strided":
+        layers, halvings = [], [p.bit_length() - 1 for p in c.patch]
+        for i, width in enumerate(c.stem_widths()):
+            stride = tuple(2 if i < h else 1 for h in halvings)
+            layers += [conv(channels, width, 3, stride=stride, padding=1, bias=False), norm(width), nn.GELU()]
+            channels = width
+        stem = nn.Sequential(*layers)
+    kernel = 1 if c.stem == "strided" else c.patch  # the strided stem leaves one pixel a patch
+    return stem, conv(channels, c.dim, kernel_size=kernel, stride=kernel)
+
+
 class VisionTransformer(Model):
     """Patch embedding, class token, learned positions (interpolated for other image sizes), pre-norm
     encoder, final norm; an optional classifier on the class token."""
@@ -129,25 +153,7 @@ class VisionTransformer(Model):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = c = config
-        conv = nn.Conv2d if len(c.size) == 2 else nn.Conv1d
-        norm = nn.BatchNorm2d if len(c.size) == 2 else nn.BatchNorm1d
-        channels = c.channels
-        if c.stem == "conv":
-            width = c.dim // 2
-            self.stem = nn.Sequential(conv(channels, width, 3, padding=1), nn.GELU(),
-                                      conv(width, width, 3, padding=1), nn.GELU())
-            channels = width
-        elif c.stem == "strided":
-            layers, halvings = [], [p.bit_length() - 1 for p in c.patch]
-            for i, width in enumerate(c.stem_widths()):
-                stride = tuple(2 if i < h else 1 for h in halvings)
-                layers += [conv(channels, width, 3, stride=stride, padding=1, bias=False), norm(width), nn.GELU()]
-                channels = width
-            self.stem = nn.Sequential(*layers)
-        else:
-            self.stem = None
-        kernel = 1 if c.stem == "strided" else c.patch  # the strided stem leaves one pixel a patch
-        self.patch = conv(channels, c.dim, kernel_size=kernel, stride=kernel)
+        self.stem, self.patch = patch_embedding(c)
         self.cls = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.pool == "cls" else None
         n = 1
         for g in c.grid_shape:
