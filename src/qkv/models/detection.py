@@ -104,11 +104,10 @@ class YolosConfig:
         """The ViT this detector extends (validated as one)."""
         p = self.patch_size
         return ViTConfig(image_size=[g * p for g in self.grid_shape], patch_size=p, stem=self.stem,
-                         channels=self.channels,
-                         dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, ffn_dim=self.ffn_dim,
-                         activation=self.activation, norm_eps=self.norm_eps, qkv_bias=self.qkv_bias,
-                         dropout=self.dropout, attn_dropout=self.attn_dropout, image_mean=self.image_mean,
-                         image_std=self.image_std, resample=self.resample)
+                         channels=self.channels, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                         ffn_dim=self.ffn_dim, activation=self.activation, norm_eps=self.norm_eps,
+                         qkv_bias=self.qkv_bias, dropout=self.dropout, attn_dropout=self.attn_dropout,
+                         image_mean=self.image_mean, image_std=self.image_std, resample=self.resample)
 
     def block(self) -> BlockConfig:
         return self.backbone().block()

@@ -56,8 +56,9 @@ class ViTConfig:
         _checks.layers(self, "n_layers")
         _checks.positive(self, "norm_eps", "image_std")
         _checks.fractions(self, "dropout", "attn_dropout")
-        _checks.choices(self, stem=("patch", "conv", "strided"), positions=("learned", "rotary"), pool=("cls", "mean"),
-                        input=("image", "audio", "signal"), resample=("bilinear", "bicubic", "nearest", "lanczos"))
+        _checks.choices(self, stem=("patch", "conv", "strided"), positions=("learned", "rotary"),
+                        pool=("cls", "mean"), input=("image", "audio", "signal"),
+                        resample=("bilinear", "bicubic", "nearest", "lanczos"))
         size, patch = self.size, self.patch
         if len(size) not in (1, 2) or len(patch) != len(size):
             raise ValueError(f"image_size={self.image_size} and patch_size={self.patch_size} must both be 1-D or 2-D")

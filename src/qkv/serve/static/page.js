@@ -276,8 +276,7 @@ function addRows(rows) {
       if (!attn.layers.includes(l.layer)) attn.layers.push(l.layer);
       row[l.layer] = l;
     }
-    attn.tokens[r.position] = { raw: r.token, text: r.text, prompt: r.prompt };  // the server says: a batch of rows
-    // may hold the prompt's and the first generated tokens' together
+    attn.tokens[r.position] = { raw: r.token, text: r.text, prompt: r.prompt };  // the server marks the prompt's rows
     attn.rows[r.position] = row;
   }
   if (first) showAttention(attn);
