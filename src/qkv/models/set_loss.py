@@ -124,6 +124,24 @@ def _terms(logits, pred_boxes, labels, match, n_boxes: float, eos: float) -> dic
     return {"loss_ce": ce, "loss_bbox": l1, "loss_giou": giou, "cardinality_error": card}
 
 
+def patch_targets(labels: list[dict], grid: tuple[int, int], no_object: int) -> torch.Tensor:
+    """The class each patch of a ``grid`` (rows, cols) should name, per image: that of the smallest box
+    (normalised cxcywh) holding the patch's centre, ``no_object`` where none does. -> (B, rows * cols) long."""
+    rows, cols = grid
+    cy = (torch.arange(rows, dtype=torch.float32) + 0.5) / rows
+    cx = (torch.arange(cols, dtype=torch.float32) + 0.5) / cols
+    cy, cx = (t.flatten() for t in torch.meshgrid(cy, cx, indexing="ij"))  # (P,) each
+    out = []
+    for t in labels:
+        x0, y0, x1, y1 = box_corners(t["boxes"].float().cpu()).unbind(-1)  # (N,) each
+        inside = ((cx >= x0[:, None]) & (cx < x1[:, None]) & (cy >= y0[:, None]) & (cy < y1[:, None]))  # (N, P)
+        area = ((x1 - x0) * (y1 - y0))[:, None].expand_as(inside).masked_fill(~inside, float("inf"))
+        ids = torch.cat([t["class_labels"].cpu(), torch.tensor([no_object])])
+        best = torch.where(inside.any(0), area.argmin(0) if len(area) else 0, len(ids) - 1)
+        out.append(ids[best])
+    return torch.stack(out)
+
+
 def set_loss(logits: torch.Tensor, pred_boxes: torch.Tensor, labels, config=None,
              auxiliary: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> tuple[torch.Tensor, dict]:
     """The DETR set loss: (total, parts). logits (B, Q, K + 1), pred_boxes (B, Q, 4) normalised cxcywh;
